@@ -1,0 +1,52 @@
+# The same targets for people and CI. `make run` runs the worker; `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_DIRS := tests/node contract/node
+
+.PHONY: run test test-python test-node check lint install node-deps lock clean
+
+run: install ## run the worker (starts a private Redis on this machine if none answers)
+	./scripts/ensure-redis.sh
+	exec $(PY) -m worker
+
+test: install node-deps ## every test: Python (pytest) and Node (node --test)
+	$(PY) -m pytest
+	npm --prefix contract/node test
+
+test-python: install node-deps
+	$(PY) -m pytest
+
+test-node: node-deps
+	npm --prefix contract/node test
+
+check: install ## is this configuration fit to run? (settings, Redis, processors)
+	$(PY) -m worker check
+
+lint: install
+	$(PY) -m ruff check worker processors tests
+	$(PY) -m ruff format --check worker processors tests
+	$(PY) -m mypy
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock requirements-dev.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
+	touch $@
+
+node-deps: $(addsuffix /node_modules/.installed,$(NODE_DIRS))
+
+%/node_modules/.installed: %/package-lock.json
+	npm ci --prefix $* --no-audit --no-fund --loglevel=error
+	touch $@
+
+lock: ## re-resolve the Python lock files from pyproject.toml (then review the diff)
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
+	.lockvenv/bin/pip install --quiet -e . && .lockvenv/bin/pip freeze --exclude-editable > requirements.lock.new
+	rm -rf .lockvenv
+	@echo "wrote requirements.lock.new; review and move it into place"
+
+clean:
+	rm -rf $(VENV) $(addsuffix /node_modules,$(NODE_DIRS)) .run

@@ -1,0 +1,215 @@
+"""Operator commands beside the service: run, check, enqueue, stats."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from bullmq import Queue
+from loguru import logger
+
+from worker.contract import Contract
+from worker.errors import ConfigError, JobError
+from worker.idempotency import idempotency_key
+from worker.logs import secrets_from_env, setup_logging
+from worker.results import node_json
+from worker.settings import Settings
+
+# The web service's default job options (INTEROP §1).
+DEFAULT_JOB_OPTS: dict[str, Any] = {
+    "attempts": 3,
+    "backoff": {"type": "exponential", "delay": 2000},
+    "removeOnComplete": {"age": 3600, "count": 100},
+    "removeOnFail": {"age": 86400, "count": 500},
+}
+IDEMPOTENT_JOB_TYPES = ("generate-flashcards", "generate-lesson")
+# INTEROP §2: what the web service's /api/queue/stats reports.
+STATS_STATES = ("waiting", "active", "completed", "failed", "delayed", "prioritized", "paused")
+
+
+def job_id_for(name: str) -> str:
+    """`<name>-<Date.now()>-<4 to 6 base-36 chars>`, as the web service makes them."""
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyz"
+    suffix = "".join(random.choice(alphabet) for _ in range(random.randint(4, 6)))
+    return f"{name}-{int(time.time() * 1000)}-{suffix}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the worker service (the default)")
+    sub.add_parser("check", help="check settings, Redis and processors; exit 0 when fit to run")
+    enqueue = sub.add_parser("enqueue", help="add a job the way the web service does")
+    enqueue.add_argument("name", help="job type, e.g. ping")
+    enqueue.add_argument("--data", default="{}", help="the payload as JSON")
+    enqueue.add_argument("--priority", type=int, help="BullMQ priority: 1 runs first, 0 = none")
+    enqueue.add_argument("--wait", action="store_true", help="wait for the final state and print it")
+    enqueue.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait (300)")
+    enqueue.add_argument("--no-validate", action="store_true", help="skip the contract check")
+    sub.add_parser("stats", help="print the queue's job counts as JSON")
+    return parser
+
+
+def main(argv: list[str], env: Mapping[str, str]) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        settings = Settings.from_env(env)
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    secrets = secrets_from_env(env, [settings.redis.password])
+    setup_logging(settings.log_format, settings.log_level, secrets)
+    if command == "run":
+        return run_service(settings, env)
+    if command == "check":
+        return asyncio.run(check(settings, env))
+    if command == "enqueue":
+        return asyncio.run(enqueue(settings, args))
+    if command == "stats":
+        return asyncio.run(stats(settings))
+    raise AssertionError(command)
+
+
+def run_service(settings: Settings, env: Mapping[str, str]) -> int:
+    from processors import build_registry
+    from worker.service import Service
+
+    try:
+        registry = build_registry(env, settings.job_types)
+        contract = Contract.load()
+        _check_contract_coverage(registry.names(), contract)
+    except (ConfigError, ValueError) as exc:
+        logger.error("Cannot start: {}", exc)
+        return 2
+    return asyncio.run(Service(settings, registry, contract).run())
+
+
+def _check_contract_coverage(names: list[str], contract: Contract) -> None:
+    missing = [name for name in names if not contract.has(name)]
+    if missing:
+        raise ValueError(f"no contract schema for job types: {', '.join(missing)}")
+
+
+async def check(settings: Settings, env: Mapping[str, str]) -> int:
+    """Print what the service would run with; exit 1 if anything would stop it."""
+    from processors import build_registry
+
+    ok = True
+
+    def line(status: str, text: str) -> None:
+        print(f"[{status:>4}] {text}")
+
+    s = settings
+    line("ok", f"settings: queue {s.queue}, prefix {s.prefix}, concurrency {s.concurrency}, "
+         f"limiter {s.limiter or 'off'}, health port {s.health_port}, grace {s.shutdown_grace_s:g} s")
+    line("ok", f"redis: {s.redis.redacted_url} (from {s.redis.source})")
+    client = _redis(settings)
+    try:
+        info = await asyncio.wait_for(client.info(), timeout=5)
+        line("ok", f"redis answers: version {info.get('redis_version')}")
+        policy = info.get("maxmemory_policy")
+        if policy != "noeviction":
+            line("warn", f"redis maxmemory-policy is {policy}; BullMQ needs noeviction or jobs vanish")
+    except Exception as exc:  # noqa: BLE001 - reported, exit code says it
+        line("FAIL", f"redis unreachable: {type(exc).__name__}: {exc}")
+        ok = False
+    finally:
+        await client.aclose()
+    try:
+        registry = build_registry(env, s.job_types)
+        contract = Contract.load()
+        for spec in registry:
+            covered = contract.has(spec.name)
+            ok = ok and covered
+            line("ok" if covered else "FAIL", f"processor {spec.name}: {spec.description}"
+                 + ("" if covered else " (no contract schema)"))
+            for note in spec.notes:
+                line("warn", f"{spec.name}: {note}")
+    except (ConfigError, ValueError) as exc:
+        line("FAIL", f"processors: {exc}")
+        ok = False
+    print("fit to run" if ok else "NOT fit to run")
+    return 0 if ok else 1
+
+
+def _redis(settings: Settings) -> Any:
+    from redis.asyncio import Redis
+
+    return Redis(decode_responses=True, **settings.redis.connection_kwargs())
+
+
+async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        print(f"--data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not args.no_validate:
+        try:
+            Contract.load().validate_payload(args.name, data)
+        except JobError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+        except KeyError:
+            print(f"Unknown job type: {args.name} (use --no-validate to send it anyway)", file=sys.stderr)
+            return 2
+    opts: dict[str, Any] = {**DEFAULT_JOB_OPTS, "jobId": job_id_for(args.name)}
+    if args.priority is not None:
+        opts["priority"] = args.priority
+    queue = Queue(settings.queue, {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix})
+    try:
+        if args.name in IDEMPOTENT_JOB_TYPES and isinstance(data, dict):
+            key = idempotency_key(args.name, data)
+            cached = await queue.client.get(key)
+            if cached:
+                print(json.dumps({"cached": True, **json.loads(cached)}, ensure_ascii=False))
+                return 0
+            opts["idempotencyKey"] = key
+        job = await queue.add(args.name, data, opts)
+        print(json.dumps({"jobId": job.id, "name": args.name}))
+        if not args.wait:
+            return 0
+        return await _wait_for(queue, job.id, args.timeout)
+    finally:
+        await queue.close()
+
+
+async def _wait_for(queue: Queue, job_id: str, timeout_s: float) -> int:
+    from bullmq import Job
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        state = await queue.getJobState(job_id)
+        if state in ("completed", "failed", "unknown"):
+            job = await Job.fromId(queue, job_id)
+            out = {"jobId": job_id, "status": state}
+            if job is not None:
+                out.update(
+                    progress=job.progress,
+                    attemptsMade=job.attemptsMade,
+                    result=job.returnvalue,
+                    error=job.failedReason or None,
+                )
+            print(node_json(out))
+            return 0 if state == "completed" else 1
+        await asyncio.sleep(0.2)
+    print(json.dumps({"jobId": job_id, "status": "timeout"}))
+    return 1
+
+
+async def stats(settings: Settings) -> int:
+    queue = Queue(settings.queue, {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix})
+    try:
+        counts = await queue.getJobCounts(*STATS_STATES)
+        counts["total"] = sum(counts[k] for k in ("waiting", "active", "completed", "failed", "delayed"))
+        print(json.dumps(counts))
+        return 0
+    finally:
+        await queue.close()

@@ -1,0 +1,169 @@
+"""`bullmq.Worker` with the traps of the Python package fixed (see shared/research audit).
+
+- redis-py 8's 5 s socket timeout broke the blocking wait: the connection is built here with
+  a timeout longer than any BZPOPMIN, and `start` refuses to run when it is not.
+- Blocking waits were rounded up to whole seconds because the server version was never read;
+  `start` reads it, so delayed jobs run on time.
+- The limiter's wait (`limitUntil`) was ignored and the worker slept a whole drainDelay
+  (2.2 jobs/s for a 10/s limit): `getNextJob` now sleeps exactly the limiter's TTL.
+- Stalled jobs were first checked one interval after start; Node checks at start-up.
+- `close()` stopped renewing locks when the first in-flight job ended: shutdown here pauses
+  (fetching stops, the run loop and lock renewal go on) and drains before closing.
+- Return values were stored with `\\uXXXX` escapes; they are written as Node's JSON.stringify
+  writes them (raw UTF-8), byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bullmq import Job, Worker
+from bullmq.redis_connection import loadScript
+from loguru import logger
+
+from worker.results import node_json
+from worker.settings import REDIS_SOCKET_TIMEOUT_S, Settings
+
+# Block no longer than this on the marker; well under the socket timeout.
+DRAIN_DELAY_S = 5
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+class QueueWorker(Worker):
+    def __init__(self, settings: Settings, processor: Any) -> None:
+        opts: dict[str, Any] = {
+            "connection": settings.redis.connection_kwargs(),
+            "prefix": settings.prefix,
+            "concurrency": settings.concurrency,
+            "lockDuration": settings.lock_duration_ms,
+            "stalledInterval": settings.stalled_interval_ms,
+            "maxStalledCount": settings.max_stalled_count,
+            "drainDelay": DRAIN_DELAY_S,
+            "autorun": False,
+        }
+        if settings.limiter:
+            opts["limiter"] = settings.limiter
+        if settings.worker_name:
+            opts["name"] = settings.worker_name
+        super().__init__(settings.queue, processor, opts)
+        self._stopping = asyncio.Event()
+        self._run_task: asyncio.Task[None] | None = None
+        self._move_to_wait = self.redisConnection.conn.register_script(
+            loadScript("moveJobFromActiveToWait-9.lua")
+        )
+        self._write_returnvalue_as_node()
+
+    def _write_returnvalue_as_node(self) -> None:
+        scripts = self.scripts
+        original = scripts.moveToFinishedArgs
+
+        def move_to_finished_args(job: Job, val: Any, prop: str, *args: Any, **kwargs: Any) -> Any:
+            if prop != "returnvalue":
+                return original(job, val, prop, *args, **kwargs)
+            keys, argv = original(job, None, prop, *args, **kwargs)
+            argv[3] = node_json(val)  # ARGV[4] of moveToFinished: the encoded value
+            return keys, argv
+
+        scripts.moveToFinishedArgs = move_to_finished_args
+
+    async def start(self) -> None:
+        """Connect, self-check the connection settings, recover stalled jobs, then run."""
+        for connection in (self.redisConnection, self.blockingRedisConnection):
+            await connection.getRedisVersion()  # sets canDoubleTimeout: sub-second waits
+        await self.blockingRedisConnection.conn.ping()
+        timeout = self.blockingRedisConnection.conn.connection_pool.connection_kwargs.get(
+            "socket_timeout"
+        )
+        if timeout is not None and timeout <= DRAIN_DELAY_S + 5:
+            raise RuntimeError(
+                f"Redis socket timeout {timeout}s would cut the {DRAIN_DELAY_S}s blocking wait;"
+                f" expected None or > {DRAIN_DELAY_S + 5}s (set {REDIS_SOCKET_TIMEOUT_S})"
+            )
+        await self.runStalledJobsCheck()
+        self._run_task = asyncio.create_task(self.run(), name="bullmq-run")
+
+    @property
+    def run_task(self) -> asyncio.Task[None] | None:
+        return self._run_task
+
+    async def getNextJob(self, token: str) -> Job | None:
+        # The limiter answered "wait limitUntil ms": wait exactly that, then ask again,
+        # instead of blocking a whole drainDelay on the marker (bullmq PR #3321).
+        if self.limitUntil > 0 and not self.closing and not self.paused:
+            await self._sleep(self.limitUntil / 1000)
+            if self.closing or self.paused:
+                return None
+            job = await self.moveToActive(token)
+            if job:
+                self.emit("active", job, "waiting")
+            return job
+        job = await super().getNextJob(token)
+        return job
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    def in_flight(self) -> list[tuple[Job, str]]:
+        return list(self.jobs)
+
+    def _busy(self) -> bool:
+        return any(not task.done() for task in self.processing) or bool(self.jobs)
+
+    async def stop_fetching(self) -> None:
+        """Stop taking jobs; in-flight jobs go on with their locks renewed."""
+        self._stopping.set()
+        await self.pause(do_not_wait_active=True)
+
+    async def drain(self, deadline_s: float) -> bool:
+        """Wait until no job is in flight or the deadline passes; True when drained."""
+        end = time.monotonic() + deadline_s
+        while self._busy():
+            if time.monotonic() >= end:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def requeue_in_flight(self) -> list[str]:
+        """Cancel what still runs and put each job back to wait without using an attempt."""
+        pending = self.in_flight()
+        self.forceClosing = True  # bullmq must not record the cancelled runs as failures
+        self.cancelProcessing()
+        await asyncio.gather(*self.processing, return_exceptions=True)
+        moved = []
+        for job, token in pending:
+            code = await self.move_to_wait(job, token)
+            if code is not None and code < 0:
+                logger.warning(
+                    "Could not return job {} to the queue (code {}); the stalled-job check will",
+                    job.id,
+                    code,
+                )
+            else:
+                moved.append(job.id)
+        return moved
+
+    async def move_to_wait(self, job: Job, token: str) -> int:
+        """BullMQ's moveJobFromActiveToWait: lock released, job at the head of wait, attemptsMade kept."""
+        k = self.keys
+        keys = [
+            k["active"], k["wait"], k["stalled"], k["paused"], k["meta"],
+            k["limiter"], k["prioritized"], k["marker"], k["events"],
+        ]  # fmt: skip
+        result = await self._move_to_wait(keys=keys, args=[job.id, token, self.scripts.toKey(job.id)])
+        return int(result)
+
+    async def rate_limit_queue(self, ms: int) -> None:
+        """Node's `queue.rateLimit(ms)`: every worker on this queue, Node or Python, waits `ms`."""
+        await self.redisConnection.conn.set(self.keys["limiter"], MAX_SAFE_INTEGER, px=max(1, ms))
+
+    async def shutdown(self) -> None:
+        """Close connections once nothing is in flight (call after drain/requeue)."""
+        self._stopping.set()
+        await self.close()
+        if self._run_task is not None:
+            await asyncio.gather(self._run_task, return_exceptions=True)

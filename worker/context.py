@@ -1,0 +1,31 @@
+"""The small typed context a processor receives beside its validated payload."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loguru import Logger
+    from redis.asyncio import Redis
+
+ProgressSetter = Callable[[int | dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a processor may know about the job it runs; never the raw job hash."""
+
+    job_id: str
+    name: str
+    attempt: int  # 1-based number of this run (1 on the first try)
+    max_attempts: int
+    progress: ProgressSetter  # await ctx.progress(50): visible to Node's job.progress
+    log: Logger  # loguru logger; the job id is bound to every line
+    redis: Redis  # the worker's command connection, for per-job state kept beside the job
+    worker: Mapping[str, Any] = field(default_factory=dict)  # identity: host, pid, worker id, version
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts

@@ -1,0 +1,82 @@
+"""The worker's exception hierarchy: what a processor raises decides what BullMQ does next.
+
+    WorkerError
+    ├── ConfigError              bad or missing setting at start-up; names the variable
+    └── JobError                 raised while a job runs
+        ├── PermanentJobError    fail the job now, no retry (BullMQ UnrecoverableError)
+        │   ├── UnknownJobType   no processor registered for the job's name
+        │   ├── InvalidPayload   payload breaks its contract schema; names the field path
+        │   └── ContractViolation  a processor returned a result that breaks the contract (a bug)
+        ├── RetryableJobError    transient: retried per the job's own attempts/backoff
+        └── RateLimited          upstream said "slow down": the whole queue pauses for
+                                 `retry_after_s` and the job goes back to waiting without
+                                 using one of its attempts
+
+Any other exception a processor raises is treated like RetryableJobError.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(WorkerError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class JobError(WorkerError):
+    """Raised by the job path; subclasses say whether BullMQ retries."""
+
+
+class PermanentJobError(JobError):
+    """The job cannot succeed by trying again; it fails at once."""
+
+
+class UnknownJobType(PermanentJobError):
+    def __init__(self, name: str) -> None:
+        # Exact wording is part of the contract with the web service (INTEROP §4).
+        super().__init__(f"Unknown job type: {name}")
+        self.job_name = name
+
+
+class InvalidPayload(PermanentJobError):
+    """The payload breaks its schema. `path` is a JSON-pointer-like field path such as `content`."""
+
+    def __init__(self, job_name: str, path: str, problem: str) -> None:
+        where = path or "(payload)"
+        super().__init__(f"Invalid payload for {job_name}: {where}: {problem}")
+        self.job_name = job_name
+        self.path = path
+        self.problem = problem
+
+
+class ContractViolation(PermanentJobError):
+    """A processor produced a result that breaks the contract: a bug in the worker, not the input."""
+
+    def __init__(self, job_name: str, path: str, problem: str) -> None:
+        where = path or "(result)"
+        super().__init__(
+            f"Bug: result of {job_name} breaks the contract at {where}: {problem}"
+        )
+        self.job_name = job_name
+        self.path = path
+        self.problem = problem
+
+
+class RetryableJobError(JobError):
+    """A transient failure; BullMQ retries with the job's backoff."""
+
+
+class RateLimited(JobError):
+    """Upstream rate limit: pause the queue `retry_after_s` and requeue without using an attempt."""
+
+    def __init__(self, retry_after_s: float, message: str = "rate limited upstream") -> None:
+        super().__init__(f"{message} (retry after {retry_after_s:.1f} s)")
+        self.retry_after_s = retry_after_s

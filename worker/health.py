@@ -1,0 +1,138 @@
+"""The HTTP face of the worker: /health (INTEROP §6 JSON), /ready, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+from loguru import logger
+
+from worker.stats import Stats
+
+REDIS_PING_TIMEOUT_S = 2.0
+
+
+@dataclass
+class QueueProbe:
+    """What /ready needs from Redis; filled by `probe()`."""
+
+    waiting: int
+    paused: bool
+
+
+def iso_now() -> str:
+    """`new Date().toISOString()`: UTC, milliseconds, `Z`."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class HealthServer:
+    def __init__(
+        self,
+        stats: Stats,
+        port: int,
+        probe: Callable[[], Awaitable[QueueProbe]],
+        concurrency: int,
+        ready_stall_s: float,
+        host: str = "0.0.0.0",
+    ) -> None:
+        self.stats = stats
+        self.port = port
+        self.host = host
+        self.probe = probe
+        self.concurrency = concurrency
+        self.ready_stall_s = ready_stall_s
+        self.draining = False
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        for path in ("/health", "/api/health", "/"):
+            app.router.add_get(path, self.health)
+        app.router.add_get("/ready", self.ready)
+        app.router.add_get("/metrics", self.metrics)
+        self.app = app
+
+    async def start(self) -> int:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        if sockets:
+            self.port = sockets[0].getsockname()[1]  # port 0 in tests: the one picked
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def health_body(self) -> dict[str, Any]:
+        uptime = self.stats.uptime_ms
+        return {
+            "status": "healthy",
+            "service": "worker",
+            "uptime": uptime,
+            "uptimeMinutes": f"{uptime / 60000:.2f}",
+            "stats": self.stats.as_health(),
+            "timestamp": iso_now(),
+            "pid": os.getpid(),
+        }
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.health_body())
+
+    async def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: shutting down, not taking jobs"
+        try:
+            probe = await asyncio.wait_for(self.probe(), timeout=REDIS_PING_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "not ready"
+            return False, f"redis unreachable: {type(exc).__name__}"
+        if probe.paused:
+            return True, "queue paused by an operator"
+        last = self.stats.last_pickup_monotonic or self.stats.started_monotonic
+        idle_s = time.monotonic() - last
+        has_free_slot = self.stats.currently_processing < self.concurrency
+        if probe.waiting > 0 and has_free_slot and idle_s > self.ready_stall_s:
+            return False, (
+                f"stuck: {probe.waiting} jobs waiting, none taken for {idle_s:.0f} s"
+                f" (limit {self.ready_stall_s:.0f} s)"
+            )
+        return True, "ok"
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ok, reason = await self.readiness()
+        if not ok:
+            logger.warning("/ready: {}", reason)
+        return web.json_response(
+            {"ready": ok, "reason": reason, "timestamp": iso_now()}, status=200 if ok else 503
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        s = self.stats
+        lines = [
+            "# TYPE worker_jobs_succeeded_total counter",
+            f"worker_jobs_succeeded_total {s.succeeded}",
+            "# TYPE worker_jobs_failed_total counter",
+            f"worker_jobs_failed_total {s.failed}",
+            "# TYPE worker_job_attempts_retried_total counter",
+            f"worker_job_attempts_retried_total {s.retried}",
+            "# TYPE worker_jobs_requeued_total counter",
+            f"worker_jobs_requeued_total {s.requeued}",
+            "# TYPE worker_jobs_active gauge",
+            f"worker_jobs_active {s.currently_processing}",
+            "# TYPE worker_jobs_active_peak gauge",
+            f"worker_jobs_active_peak {s.peak_concurrency}",
+            "# TYPE worker_job_duration_seconds_sum counter",
+            f"worker_job_duration_seconds_sum {s.total_duration_s:.6f}",
+            "# TYPE worker_uptime_seconds gauge",
+            f"worker_uptime_seconds {s.uptime_ms / 1000:.3f}",
+            "# TYPE worker_draining gauge",
+            f"worker_draining {int(self.draining)}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -1,0 +1,78 @@
+"""Processors registered by job name; duplicates are refused when the registry is built."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.context import JobContext
+from worker.errors import UnknownJobType
+
+Handler = Callable[[dict[str, Any], JobContext], Awaitable[Any] | Any]
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """One job type: its name, its handler and what an operator should know about it.
+
+    A sync handler runs in a worker thread, so blocking SDK calls never stall the event
+    loop (and with it BullMQ's lock renewal, which would let another worker run the job).
+    """
+
+    name: str
+    handler: Handler
+    description: str = ""
+    # Lines shown at start-up and by `python -m worker check` (e.g. "budget checks off").
+    notes: tuple[str, ...] = ()
+    # Called once at shutdown to close clients the processor owns.
+    aclose: Callable[[], Awaitable[None]] | None = None
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", inspect.iscoroutinefunction(self.handler))
+
+    async def run(self, payload: dict[str, Any], ctx: JobContext) -> Any:
+        if self.is_async:
+            return await self.handler(payload, ctx)  # type: ignore[misc]
+        return await asyncio.to_thread(self.handler, payload, ctx)
+
+
+class Registry:
+    """Job name → ProcessorSpec. `register` refuses a name twice, so a typo fails at start-up."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, ProcessorSpec] = {}
+
+    def register(self, spec: ProcessorSpec) -> ProcessorSpec:
+        if not spec.name or spec.name != spec.name.strip():
+            raise ValueError(f"invalid job name {spec.name!r}")
+        if spec.name in self._specs:
+            raise ValueError(f"a processor for job type {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> ProcessorSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownJobType(name) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __iter__(self) -> Iterator[ProcessorSpec]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    async def aclose(self) -> None:
+        for spec in self._specs.values():
+            if spec.aclose is not None:
+                await spec.aclose()

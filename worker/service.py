@@ -1,0 +1,207 @@
+"""The running service: worker + health server + signals + a shutdown with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from loguru import logger
+
+from worker import __version__
+from worker.consumer import QueueWorker
+from worker.contract import Contract
+from worker.dispatch import Dispatcher
+from worker.health import HealthServer, QueueProbe
+from worker.registry import Registry
+from worker.settings import Settings
+from worker.stats import Stats
+
+LOOP_LAG_WARN_S = 1.0
+
+
+class Service:
+    def __init__(self, settings: Settings, registry: Registry, contract: Contract) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.contract = contract
+        self.stats = Stats()
+        self._stop = asyncio.Event()
+        self._hard_stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.worker: QueueWorker | None = None
+        self.health: HealthServer | None = None
+        self._stopped = False
+
+    def identity(self, worker_id: str) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "workerId": worker_id,
+            "version": __version__,
+        }
+
+    def request_stop(self, signame: str = "stop") -> None:
+        if self._stop.is_set():
+            logger.warning("Second {}: in-flight jobs go back to the queue now", signame)
+            self._hard_stop.set()
+            return
+        logger.info("Received {}, shutting down gracefully", signame)
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Start, wait for SIGTERM/SIGINT, shut down gracefully; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        return 0
+
+    async def start(self) -> None:
+        """Health server up, banner out, worker consuming."""
+        s = self.settings
+        dispatcher = Dispatcher(self.registry, self.contract, self.stats, {})
+        worker = QueueWorker(s, dispatcher)
+        dispatcher.identity = self.identity(worker.id)
+        dispatcher.attach(worker)
+        self.worker = worker
+        health = HealthServer(
+            self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s
+        )
+        self.health = health
+
+        logger.info("=" * 60)
+        logger.info("WORKER SERVICE STARTED")
+        logger.info("Queue: {}", s.queue)
+        logger.info("Concurrency: {} jobs in parallel", s.concurrency)
+        logger.info("Environment: {}", s.environment)
+        logger.info(
+            "Redis: {} (from {}) | prefix {} | limiter {}",
+            s.redis.redacted_url,
+            s.redis.source,
+            s.prefix,
+            f"{s.limiter_max} jobs per {s.limiter_duration_ms} ms" if s.limiter else "off",
+        )
+        logger.info("Job types: {}", ", ".join(self.registry.names()))
+        for spec in self.registry:
+            for note in spec.notes:
+                logger.warning("{}: {}", spec.name, note)
+        port = await health.start()
+        logger.info("Health check server listening on port {}", port)
+        await worker.start()
+        logger.info("Worker initialization complete, waiting for jobs...")
+        self._own(self._watch_loop_lag(), "loop-lag")
+        self._own(self._watch_run_task(worker), "run-watch")
+
+    async def stop(self) -> None:
+        """Graceful shutdown within the grace period, then the statistics block. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        try:
+            if self.worker is not None and self.health is not None:
+                await self._shutdown(self.worker, self.health)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.health is not None:
+                await self.health.stop()
+            await self.registry.aclose()
+            self._print_statistics()
+
+    async def _shutdown(self, worker: QueueWorker, health: HealthServer) -> None:
+        grace = self.settings.shutdown_grace_s
+        health.draining = True
+        await worker.stop_fetching()
+        in_flight = len(worker.in_flight())
+        logger.info(
+            "Stopped taking jobs; waiting up to {:.0f} s for {} in-flight job(s)", grace, in_flight
+        )
+        drain = asyncio.create_task(worker.drain(grace))
+        hard = asyncio.create_task(self._hard_stop.wait())
+        await asyncio.wait({drain, hard}, return_when=asyncio.FIRST_COMPLETED)
+        hard.cancel()
+        drained = drain.done() and drain.result()
+        drain.cancel()
+        if not drained:
+            moved = await worker.requeue_in_flight()
+            if moved:
+                logger.warning(
+                    "Shutdown deadline: {} job(s) returned to the queue without using an attempt: {}",
+                    len(moved),
+                    ", ".join(moved),
+                )
+        await worker.shutdown()
+        logger.info("Worker closed")
+
+    async def _probe(self) -> QueueProbe:
+        assert self.worker is not None
+        conn = self.worker.redisConnection.conn
+        keys = self.worker.keys
+        async with conn.pipeline(transaction=False) as pipe:
+            pipe.llen(keys["wait"])
+            pipe.zcard(keys["prioritized"])
+            pipe.hexists(keys["meta"], "paused")
+            wait, prioritized, paused = await pipe.execute()
+        return QueueProbe(waiting=int(wait) + int(prioritized), paused=bool(paused))
+
+    def _own(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error("Background task {} failed", task.get_name())
+
+    async def _watch_run_task(self, worker: QueueWorker) -> None:
+        """The bullmq run loop must never end on its own; if it does, stop so the platform restarts us."""
+        assert worker.run_task is not None
+        await asyncio.wait({worker.run_task})
+        if not self._stop.is_set():
+            logger.error("The BullMQ run loop ended unexpectedly; stopping so the service restarts")
+            self.request_stop("run-loop-exit")
+
+    async def _watch_loop_lag(self) -> None:
+        """Warn when something blocks the event loop: lock renewal stops while it does."""
+        interval = 0.5
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(interval)
+            lag = time.monotonic() - before - interval
+            if lag > LOOP_LAG_WARN_S:
+                logger.warning(
+                    "Event loop was blocked for {:.1f} s: blocking code must run in a thread", lag
+                )
+
+    def _print_statistics(self) -> None:
+        st = self.stats
+        logger.info("=" * 60)
+        logger.info("WORKER STATISTICS")
+        logger.info("Uptime: {:.2f} minutes", st.uptime_ms / 60000)
+        logger.info("Processed: {}", st.processed)
+        logger.info("Succeeded: {}", st.succeeded)
+        logger.info("Failed: {}", st.failed)
+        logger.info("Success rate: {}", st.success_rate)
+        logger.info("Retried attempts: {} | requeued: {}", st.retried, st.requeued)
+        logger.info("Peak concurrency: {}", st.peak_concurrency)
+        logger.info("Jobs/minute: {:.2f}", st.jobs_per_minute)
+        logger.info("=" * 60)
+
+
+def process_env() -> Mapping[str, str]:
+    return dict(os.environ)

@@ -1,0 +1,219 @@
+"""Typed settings, loaded once from a mapping (`os.environ` in `__main__`, a dict in tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from worker.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+
+# Blocking waits (BZPOPMIN) last at most 10 s in bullmq; the socket must outlive them, or
+# redis-py 8's default 5 s read timeout silently breaks idle pickup, delays and the limiter.
+REDIS_SOCKET_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    source: str = "default"  # which variable it came from, for start-up messages
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `redis.asyncio.Redis` (and bullmq's dict connection)."""
+        kwargs: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "db": self.db,
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": 10.0,
+            "socket_keepalive": True,
+        }
+        if self.tls:
+            kwargs["ssl"] = True
+        return kwargs
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any password replaced by `***`: the only form that is ever logged."""
+        scheme = "rediss" if self.tls else "redis"
+        auth = ""
+        if self.username or self.password:
+            auth = f"{self.username or ''}{':***' if self.password else ''}@"
+        return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    queue: str = "ai-jobs"
+    prefix: str = "bull"
+    concurrency: int = 3
+    limiter_max: int = 10
+    limiter_duration_ms: int = 1000
+    lock_duration_ms: int = 30_000
+    stalled_interval_ms: int = 30_000
+    max_stalled_count: int = 1
+    health_port: int = 3002
+    shutdown_grace_s: float = 25.0
+    ready_stall_s: float = 120.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+    environment: str = "development"
+    job_types: tuple[str, ...] | None = None  # None: every registered processor
+    worker_name: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        reader = _Reader(env)
+        health_port = reader.integer("WORKER_HEALTH_PORT", None, low=0, high=65535)
+        if health_port is None:
+            health_port = reader.integer("PORT", 3002, low=0, high=65535)
+        log_format = reader.choice("LOG_FORMAT", "text", ("text", "json"))
+        log_level = reader.choice(
+            "LOG_LEVEL", "INFO", ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR")
+        )
+        job_types = reader.text("WORKER_JOB_TYPES", "")
+        return cls(
+            redis=redis_settings_from_env(env),
+            queue=reader.text("WORKER_QUEUE", "ai-jobs", required=True),
+            prefix=reader.text("WORKER_PREFIX", "bull", required=True),
+            concurrency=reader.integer("WORKER_CONCURRENCY", 3, low=1, high=1000),
+            limiter_max=reader.integer("WORKER_LIMITER_MAX", 10, low=0, high=1_000_000),
+            limiter_duration_ms=reader.integer(
+                "WORKER_LIMITER_DURATION_MS", 1000, low=1, high=3_600_000
+            ),
+            lock_duration_ms=reader.integer("WORKER_LOCK_DURATION_MS", 30_000, low=1000),
+            stalled_interval_ms=reader.integer("WORKER_STALLED_INTERVAL_MS", 30_000, low=1000),
+            max_stalled_count=reader.integer("WORKER_MAX_STALLED_COUNT", 1, low=0, high=100),
+            health_port=health_port,
+            shutdown_grace_s=reader.number("WORKER_SHUTDOWN_GRACE_S", 25.0, low=0.0),
+            ready_stall_s=reader.number("WORKER_READY_STALL_S", 120.0, low=1.0),
+            log_format=log_format,
+            log_level=log_level,
+            environment=reader.text("NODE_ENV", "development") or "development",
+            job_types=tuple(t.strip() for t in job_types.split(",") if t.strip()) or None,
+            worker_name=reader.text("WORKER_NAME", "") or None,
+        )
+
+    @property
+    def limiter(self) -> dict[str, int] | None:
+        if self.limiter_max == 0:  # 0 turns the limiter off
+            return None
+        return {"max": self.limiter_max, "duration": self.limiter_duration_ms}
+
+
+def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
+    """REDIS_PUBLIC_URL > REDIS_URL > REDIS_HOST/REDIS_PORT/REDIS_PASSWORD (INTEROP §6)."""
+    for name in ("REDIS_PUBLIC_URL", "REDIS_URL"):
+        value = env.get(name, "").strip()
+        if value:
+            return parse_redis_url(value, source=name)
+    reader = _Reader(env)
+    if env.get("REDIS_HOST", "").strip():
+        return RedisSettings(
+            host=reader.text("REDIS_HOST", "127.0.0.1"),
+            port=reader.integer("REDIS_PORT", 6379, low=1, high=65535),
+            db=reader.integer("REDIS_DB", 0, low=0, high=10_000),
+            username=env.get("REDIS_USERNAME") or None,
+            password=env.get("REDIS_PASSWORD") or None,
+            tls=reader.choice("REDIS_TLS", "false", ("true", "false", "1", "0")) in ("true", "1"),
+            source="REDIS_HOST",
+        )
+    return parse_redis_url(DEFAULT_REDIS_URL, source="default")
+
+
+def parse_redis_url(url: str, source: str) -> RedisSettings:
+    """Parse redis:// and rediss:// URLs, honouring username, password and /db."""
+    # Never echo the URL itself in an error: it may hold a password.
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(source, f"not a valid Redis URL ({exc.__class__.__name__})") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(source, f"scheme must be redis:// or rediss://, got {parts.scheme!r}://")
+    if not parts.hostname:
+        raise ConfigError(source, "the Redis URL has no host")
+    db_text = parts.path.lstrip("/")
+    if db_text and not db_text.isdigit():
+        raise ConfigError(source, f"database must be a number, got /{db_text}")
+    return RedisSettings(
+        host=parts.hostname,
+        port=port or 6379,
+        db=int(db_text) if db_text else 0,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        tls=parts.scheme == "rediss",
+        source=source,
+    )
+
+
+class _Reader:
+    """Reads typed values from the mapping; every failure names the variable."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str, required: bool = False) -> str:
+        raw = self._raw(name)
+        if raw is None and required and name in self.env:
+            raise ConfigError(name, "must not be empty")
+        return raw if raw is not None else default
+
+    def integer(
+        self, name: str, default: int | None, low: int | None = None, high: int | None = None
+    ) -> Any:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
+        _check_range(name, value, low, high)
+        return value
+
+    def number(self, name: str, default: float, low: float | None = None) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(name, f"expected a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(name, f"expected a finite number, got {raw!r}")
+        _check_range(name, value, low, None)
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        for option in allowed:
+            if raw.lower() == option.lower():
+                return option
+        raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {raw!r}")
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    if low is not None and value < low:
+        raise ConfigError(name, f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(name, f"must be at most {high}, got {value}")
