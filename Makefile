@@ -12,13 +12,16 @@ run: install ## run the worker (starts a private Redis on this machine if none a
 	exec $(PY) -m worker
 
 test: install node-deps ## every test: Python (pytest) and Node (node --test)
+	./scripts/ensure-redis.sh
 	$(PY) -m pytest
 	npm --prefix contract/node test
 
 test-python: install node-deps
+	./scripts/ensure-redis.sh
 	$(PY) -m pytest
 
-test-node: node-deps
+test-node: install node-deps
+	./scripts/ensure-redis.sh
 	npm --prefix contract/node test
 
 check: install ## is this configuration fit to run? (settings, Redis, processors)

@@ -1,0 +1,138 @@
+"""TypedDicts for the payloads and results in contract/; a test keeps the two in step."""
+
+# No `from __future__ import annotations` here: on Python 3.11 a TypedDict only sees
+# NotRequired[...] when the annotation is evaluated, and the schema test relies on
+# __required_keys__ / __optional_keys__ being right.
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+Difficulty = Literal["beginner", "intermediate", "expert"]
+Speaker = Literal["Assistant", "User"]
+
+
+# --- generate-flashcards -------------------------------------------------------------
+
+
+class FlashcardsPayload(TypedDict):
+    content: str
+    subject: str
+    topic: str  # "AI Selection": detect the topics
+    userId: str
+    nativeLanguage: NotRequired[str]  # default "English"
+    targetLanguage: NotRequired[str]  # default "English"; "en-GB" is English too
+    showNativeLanguage: NotRequired[bool]  # legacy: means target English
+
+
+class Flashcard(TypedDict):
+    front: str
+    back: str
+    topic: str
+    difficulty: Difficulty
+    example: str
+    pronunciation: str
+
+
+class FlashcardsResult(TypedDict):
+    success: Literal[True]
+    flashcards: list[Flashcard]
+    tokenUsage: int
+
+
+# --- generate-lesson -----------------------------------------------------------------
+
+
+class LessonPayload(TypedDict):
+    content: str
+    subject: str
+    topic: str
+    userId: str
+    nativeLanguage: NotRequired[str]  # default "English"
+    targetLanguage: NotRequired[str]  # default "English"
+    sourceFileName: NotRequired[str]  # default "Unknown Source"
+
+
+class LessonRow(TypedDict):
+    """The esp_lessons columns the contract names; a row may carry more (created_at, ...)."""
+
+    id: str | int
+    user_id: str
+    title: str
+    subject: str
+    source_pdf_name: str
+    native_language: str
+    chat_content: str | None  # a ConversationScript as JSON text
+
+
+class LessonResult(TypedDict):
+    success: Literal[True]
+    lessons: list[LessonRow]
+    tokenUsage: int
+
+
+class KeywordsStep(TypedDict):
+    keywords: list[str]
+
+
+class TopicGroup(TypedDict):
+    name: str
+    keywords: list[str]
+
+
+class TopicsStep(TypedDict):
+    topics: list[TopicGroup]
+
+
+class VocabularyItemEnglish(TypedDict):
+    english_term: str
+    definition: str
+    native_translation: str
+    example_sentence_target: str
+    example_sentence_native: str
+
+
+class VocabularyItemOther(TypedDict):
+    target_term: str
+    definition: str
+    target_translation: str
+    example_sentence_target_language: str
+    example_sentence_native: str
+
+
+class VocabularyStepEnglish(TypedDict):
+    vocabulary: list[VocabularyItemEnglish]
+
+
+class VocabularyStepOther(TypedDict):
+    vocabulary: list[VocabularyItemOther]
+
+
+class ConversationLine(TypedDict):
+    speaker: Speaker
+    message: str
+
+
+class ConversationScript(TypedDict):
+    conversation: list[ConversationLine]
+
+
+# --- ping ----------------------------------------------------------------------------
+
+
+class PingPayload(TypedDict):
+    echo: NotRequired[Any]
+    sleepMs: NotRequired[int]  # 0..600000
+
+
+class WorkerIdentity(TypedDict):
+    host: str
+    pid: int
+    workerId: str
+    version: str
+
+
+class PingResult(TypedDict):
+    pong: Literal[True]
+    echo: Any  # payload.echo, None when absent
+    jobId: str
+    attempt: int  # 1-based
+    worker: WorkerIdentity
