@@ -29,6 +29,10 @@ from worker.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 # Block no longer than this on the marker; well under the socket timeout.
 DRAIN_DELAY_S = 5
 MAX_SAFE_INTEGER = 2**53 - 1
+# How long shutdown waits for a fetch already under way once no job runs.
+FETCH_SETTLE_S = 2.0
+# Upper bound on closing Redis connections at shutdown.
+CLOSE_TIMEOUT_S = 5.0
 
 
 class QueueWorker(Worker):
@@ -111,8 +115,8 @@ class QueueWorker(Worker):
     def in_flight(self) -> list[tuple[Job, str]]:
         return list(self.jobs)
 
-    def _busy(self) -> bool:
-        return any(not task.done() for task in self.processing) or bool(self.jobs)
+    def _fetching(self) -> bool:
+        return any(not task.done() for task in self.processing)
 
     async def stop_fetching(self) -> None:
         """Stop taking jobs; in-flight jobs go on with their locks renewed."""
@@ -120,11 +124,24 @@ class QueueWorker(Worker):
         await self.pause(do_not_wait_active=True)
 
     async def drain(self, deadline_s: float) -> bool:
-        """Wait until no job is in flight or the deadline passes; True when drained."""
+        """Wait until no job is in flight or the deadline passes; True when drained.
+
+        A fetch already under way may still hand over a job, so it is waited for too, but
+        only briefly once no job runs: a fetch stuck on an unreachable Redis must not hold
+        shutdown for the whole grace period.
+        """
         end = time.monotonic() + deadline_s
-        while self._busy():
-            if time.monotonic() >= end:
-                return False
+        idle_since: float | None = None
+        while self.jobs or self._fetching():
+            now = time.monotonic()
+            if now >= end:
+                return not self.jobs
+            if self.jobs:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since > FETCH_SETTLE_S:
+                break
             await asyncio.sleep(0.05)
         return True
 
@@ -136,12 +153,16 @@ class QueueWorker(Worker):
         await asyncio.gather(*self.processing, return_exceptions=True)
         moved = []
         for job, token in pending:
-            code = await self.move_to_wait(job, token)
-            if code is not None and code < 0:
+            try:
+                code: int | None = await asyncio.wait_for(self.move_to_wait(job, token), 5)
+            except Exception as exc:  # noqa: BLE001 - reported; stall recovery is the fallback
+                logger.warning("Could not return job {} to the queue: {}", job.id, exc)
+                code = None
+            if code is None or code < 0:
                 logger.warning(
-                    "Could not return job {} to the queue (code {}); the stalled-job check will",
+                    "Job {} stays active until the stalled-job check moves it back"
+                    " (within lock duration + stalled interval)",
                     job.id,
-                    code,
                 )
             else:
                 moved.append(job.id)
@@ -161,9 +182,21 @@ class QueueWorker(Worker):
         """Node's `queue.rateLimit(ms)`: every worker on this queue, Node or Python, waits `ms`."""
         await self.redisConnection.conn.set(self.keys["limiter"], MAX_SAFE_INTEGER, px=max(1, ms))
 
-    async def shutdown(self) -> None:
-        """Close connections once nothing is in flight (call after drain/requeue)."""
+    async def shutdown(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close connections once no job is in flight (after drain/requeue).
+
+        force=True only cancels leftover fetches (e.g. stuck on an unreachable Redis): every
+        job was finished or handed back before this point. bullmq's close() and run loop can
+        sit in redis-py's reconnect backoff for minutes when Redis is gone, so both are
+        bounded: the process is exiting, and nothing is in flight to lose.
+        """
         self._stopping.set()
-        await self.close()
+        closing = asyncio.ensure_future(self.close(force=True))
+        tasks: set[asyncio.Future[Any]] = {closing}
         if self._run_task is not None:
-            await asyncio.gather(self._run_task, return_exceptions=True)
+            tasks.add(self._run_task)
+        _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        if pending:
+            logger.warning("Redis did not answer while closing; leaving its connections behind")
+            for task in pending:
+                task.cancel()

@@ -122,7 +122,7 @@ class Dispatcher:
         assert self.worker is not None
         value = node_json({"jobId": job.id, "result": result, "cachedAt": int(time.time() * 1000)})
         try:
-            await self.worker.redisConnection.conn.setex(str(key), IDEMPOTENCY_TTL_S, value)
+            await self.worker.redisConnection.conn.set(str(key), value, ex=IDEMPOTENCY_TTL_S)
         except Exception as exc:  # noqa: BLE001 - logged, never fatal (INTEROP §3)
             logger.warning("Could not write idempotency key {}: {}", key, exc)
 

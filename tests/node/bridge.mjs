@@ -78,6 +78,12 @@ async function readJob(args) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// The contract package (contract/node, @ai-jobs/contract), by relative path as the web service
+// would use it; its ajv resolves from contract/node/node_modules. Imported on first use, so the
+// other ops work even where that package's dependencies are not installed.
+let contractPackage;
+const contract = () => (contractPackage ??= import('../../contract/node/index.js'));
+
 let closing;
 function closeAll() {
   closing ??= (async () => {
@@ -106,6 +112,32 @@ const ops = {
   },
 
   getJob: readJob,
+
+  // The package's enqueue(queue, name, payload, opts): validates, then queue.add with the web
+  // service's options. A payload the package refuses answers {rejected: true, message, errors}
+  // (nothing reached Redis); any other failure is an ok:false answer as usual.
+  async contractEnqueue(args) {
+    const { enqueue, ContractError } = await contract();
+    // A null payload arrives as a missing key (the Python client drops None arguments).
+    const payload = args.payload ?? null;
+    try {
+      const job = await enqueue(queueFor(args), args.name, payload, args.opts ?? {});
+      return { id: job.id };
+    } catch (err) {
+      if (!(err instanceof ContractError)) throw err;
+      return { rejected: true, message: err.message, errors: err.errors };
+    }
+  },
+
+  // The package's validatePayload / validateResult: {valid, errors: [{path, problem, keyword}]}.
+  async validate({ kind, name, value }) {
+    const { validatePayload, validateResult } = await contract();
+    const validators = { payload: validatePayload, result: validateResult };
+    if (!Object.hasOwn(validators, kind)) {
+      throw new Error(`kind must be "payload" or "result", got ${JSON.stringify(kind)}`);
+    }
+    return validators[kind](name, value ?? null);
+  },
 
   async counts(args) {
     const counts = await queueFor(args).getJobCounts();

@@ -96,6 +96,28 @@ class NodeBridge:
         """Read a job back as the web service does (None when it is gone)."""
         return await self.call("getJob", queue=queue, jobId=job_id, prefix=prefix)
 
+    async def contract_enqueue(
+        self,
+        queue: str,
+        name: str,
+        payload: Any,
+        opts: dict[str, Any] | None = None,
+        *,
+        prefix: str | None = None,
+    ) -> dict[str, Any]:
+        """Enqueue through the contract package's `enqueue` (validated, web service options).
+
+        Returns {id}, or {rejected: True, message, errors: [{path, problem, keyword}]} when the
+        package refuses the payload (nothing is enqueued then).
+        """
+        return await self.call(
+            "contractEnqueue", queue=queue, name=name, payload=payload, opts=opts, prefix=prefix
+        )
+
+    async def validate(self, kind: str, name: str, value: Any) -> dict[str, Any]:
+        """The contract package's validatePayload/validateResult (ajv): {valid, errors}."""
+        return await self.call("validate", kind=kind, name=name, value=value)
+
     async def counts(self, queue: str, *, prefix: str | None = None) -> dict[str, int]:
         """getJobCounts() plus the web service's `total`."""
         return await self.call("counts", queue=queue, prefix=prefix)

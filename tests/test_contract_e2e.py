@@ -1,0 +1,283 @@
+"""Contract tests across the process boundary (issue 3, point 4), against real Redis.
+
+For every job type and every payload example in `contract/<job>/examples/payload/`:
+
+- valid: the Node contract package enqueues it (`enqueue`, through the bridge on bullmq 6), the
+  real Python service processes it, and Node reads the job back and validates `returnvalue`
+  with ajv against the result schema;
+- invalid: Node's validator refuses it (nothing reaches Redis); forced into the queue anyway
+  with a plain `queue.add`, the worker fails it at once with a reason naming the example's `path`.
+
+External services are stood in for by local servers speaking their HTTP APIs (`tests/fakes`).
+A job type the worker cannot run here (no processor yet, or no stand-ins) is skipped, with the
+reason in the test report. One service on one queue serves the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+import processors
+from processors import ping as ping_module
+from tests.support.harness import running_service, settings_for, unique_queue
+from tests.support.node_bridge import NodeBridge
+from worker.contract import Contract
+from worker.errors import InvalidPayload
+from worker.registry import Registry
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT = Contract.load()
+JOB_TIMEOUT_MS = 20_000
+
+# --- the examples ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    job: str
+    file: str
+    document: Any
+    path: str = ""  # invalid examples: the field the rejection must name ("" = the document)
+    reason: str = ""  # invalid examples: why it must be rejected
+
+
+def payload_examples(validity: str) -> list[Example]:
+    found = []
+    for job in CONTRACT.job_names():
+        folder = CONTRACT.root / job / "examples" / "payload" / validity
+        for file in sorted(folder.glob("*.json")):
+            content = json.loads(file.read_text(encoding="utf-8"))
+            if validity == "valid":
+                found.append(Example(job, file.name, content))
+            else:
+                found.append(
+                    Example(job, file.name, content["document"], content["path"], content["reason"])
+                )
+    return found
+
+
+# --- which job types the worker can run here ----------------------------------------------------
+
+# Job types whose processor has not landed, and where that work is tracked.
+KNOWN_GAPS = {"generate-lesson": "generate-lesson processor: issue 7"}
+
+# The local servers each job type's processor talks to (modules under tests/fakes).
+FAKES_NEEDED = {
+    "ping": (),
+    "generate-flashcards": ("openai_server", "postgrest_server"),
+}
+
+
+def module_of(job: str) -> str:
+    return job.replace("-", "_")
+
+
+def gap(job: str) -> str | None:
+    """Why the worker cannot process `job` in this module, or None when it can."""
+    module = module_of(job)
+    if module not in processors.MODULES and not (REPO / "processors" / f"{module}.py").is_file():
+        return KNOWN_GAPS.get(job, f"no processor for {job} (processors/{module}.py)")
+    if job not in FAKES_NEEDED:
+        return f"{job}: a processor exists, but this module has no stand-ins for it yet"
+    missing = [f for f in FAKES_NEEDED[job] if not (REPO / "tests" / "fakes" / f"{f}.py").is_file()]
+    if missing:
+        return f"{job}: stand-ins not in tests/fakes yet ({', '.join(missing)})"
+    return None
+
+
+RUNNABLE = [job for job in CONTRACT.job_names() if gap(job) is None]
+
+
+def cases(examples: list[Example], *, needs_worker: bool) -> list[Any]:
+    params = []
+    for example in examples:
+        reason = gap(example.job) if needs_worker else None
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(
+            pytest.param(example, id=f"{example.job}/{Path(example.file).stem}", marks=marks)
+        )
+    return params
+
+
+# --- stand-ins and the running service ---------------------------------------------------------
+
+USER_ID = "6f1c2a0e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"  # the user of the examples
+
+# A structured reply the real model could give (the fake checks it against the request's
+# strict schema); non-ASCII on purpose, it must survive the trip back to Node.
+FLASHCARDS_REPLY = {
+    "flashcards": [
+        {"front": front, "back": back, "topic": "Photosynthesis", "difficulty": "beginner",
+         "example": f"The {front} matters.", "pronunciation": f"/{front}/"}
+        for front, back in [("chlorophyll", "clorofila"), ("glucose", "glucosa"),
+                            ("light energy", "energía lumínica"), ("leaf", "hoja"),
+                            ("stoma", "estoma")]
+    ]
+}  # fmt: skip
+
+# `sleep-bounds` asks ping for 10 minutes; the round trip checks the contract, not the clock.
+MAX_PING_SLEEP_S = 0.1
+
+
+class _ShortSleeps:
+    """`asyncio` for processors/ping.py, with sleeps capped at MAX_PING_SLEEP_S."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def sleep(delay: float, result: Any = None) -> Any:
+        return await asyncio.sleep(min(delay, MAX_PING_SLEEP_S), result)
+
+
+@dataclass
+class World:
+    """The module's queue, the service consuming it, and the stand-ins it talks to."""
+
+    queue: str
+    openai: Any = None  # tests.fakes.openai_server.FakeOpenAI
+    env: dict[str, str] = field(default_factory=dict)
+
+    def prepare(self, job: str) -> None:
+        """Script what the external services answer for one job of type `job`."""
+        if job == "generate-flashcards":
+            from tests.fakes.openai_server import completion
+
+            self.openai.script(completion(FLASHCARDS_REPLY))
+
+    def check_stand_ins(self) -> None:
+        if self.openai is not None:
+            assert self.openai.unscripted == 0, "OpenAI was called more often than scripted"
+            assert self.openai.schema_mismatches == [], self.openai.schema_mismatches
+            assert not self.openai.queue, "a scripted OpenAI reply was not used"
+
+
+def build_registry(jobs: list[str], env: dict[str, str]) -> Registry:
+    """Each processor module's `build(env)`, as `processors.build_registry` does for MODULES."""
+    registry = Registry()
+    for job in jobs:
+        registry.register(importlib.import_module(f"processors.{module_of(job)}").build(env))
+    return registry
+
+
+@pytest.fixture(scope="module")
+async def world(redis_url: str) -> AsyncIterator[World]:
+    world = World(unique_queue("contract-e2e"))
+    async with contextlib.AsyncExitStack() as stack:  # unwinds in reverse: service stops first
+        if any(FAKES_NEEDED.get(job) for job in RUNNABLE):
+            world.openai, world.env = await start_stand_ins(stack)
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        patch.setattr(ping_module, "asyncio", _ShortSleeps())
+        stack.push_async_callback(_delete_queue_keys, redis_url, world.queue)
+        registry = build_registry(RUNNABLE, world.env)
+        await stack.enter_async_context(
+            running_service(settings_for(redis_url, world.queue), registry)
+        )
+        yield world
+
+
+async def start_stand_ins(stack: contextlib.AsyncExitStack) -> tuple[Any, dict[str, str]]:
+    """The local OpenAI and PostgREST servers, and the environment pointing processors at them."""
+    from tests.fakes.openai_server import FakeOpenAI
+    from tests.fakes.postgrest_server import FakePostgrest
+
+    users = [{"id": USER_ID, "input_tokens": 1000, "output_tokens": 500}]
+    openai_fake = await stack.enter_async_context(FakeOpenAI(api_key="sk-test"))
+    db = await stack.enter_async_context(FakePostgrest({"users": users}))
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": openai_fake.base_url,
+        "SUPABASE_URL": db.url,
+        "SUPABASE_SERVICE_ROLE_KEY": db.api_key,
+    }
+    return openai_fake, env
+
+
+async def _delete_queue_keys(redis_url: str, queue: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async for key in client.scan_iter(match=f"bull:{queue}:*", count=500):
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+async def forget_idempotency_entry(rclient: aioredis.Redis, job: dict[str, Any]) -> None:
+    """Delete the entry the worker cached for `job` (only if it is still this job's)."""
+    key = job["opts"].get("idempotencyKey")
+    raw = await rclient.get(key) if key else None
+    if raw is not None and json.loads(raw).get("jobId") == job["id"]:
+        await rclient.delete(key)
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", cases(payload_examples("valid"), needs_worker=True))
+async def test_valid_payload_round_trip(
+    example: Example, world: World, node6: NodeBridge, rclient: aioredis.Redis
+) -> None:
+    world.prepare(example.job)
+    added = await node6.contract_enqueue(world.queue, example.job, example.document)
+    assert not added.get("rejected"), f"Node refused a valid example: {added.get('message')}"
+
+    job = await node6.wait_finished(world.queue, added["id"], timeout_ms=JOB_TIMEOUT_MS)
+    await forget_idempotency_entry(rclient, job)
+    assert job["state"] == "completed", job["failedReason"]
+    assert job["attemptsMade"] == 1
+    verdict = await node6.validate("result", example.job, job["returnvalue"])
+    assert verdict == {"valid": True, "errors": []}, job["returnvalue"]
+    world.check_stand_ins()
+
+
+@pytest.mark.parametrize("example", cases(payload_examples("invalid"), needs_worker=False))
+async def test_node_refuses_invalid_payload(
+    example: Example, node6: NodeBridge, queue_name: str
+) -> None:
+    answer = await node6.contract_enqueue(queue_name, example.job, example.document)
+    assert answer.get("rejected"), f"Node enqueued {answer.get('id')}; must not: {example.reason}"
+    assert example.path in [error["path"] for error in answer["errors"]], answer["errors"]
+    counts = await node6.counts(queue_name)
+    assert sum(n for state, n in counts.items() if state != "total") == 0, counts
+
+
+@pytest.mark.parametrize("example", cases(payload_examples("invalid"), needs_worker=True))
+async def test_worker_fails_forced_invalid_payload_at_once(
+    example: Example, world: World, node6: NodeBridge
+) -> None:
+    # A plain queue.add with the web service's options (3 attempts): no validation on the way in.
+    added = await node6.add(world.queue, example.job, example.document)
+    job = await node6.wait_finished(world.queue, added["id"], timeout_ms=JOB_TIMEOUT_MS)
+    assert job["state"] == "failed"
+    assert job["attemptsMade"] == 1  # not retried
+    named = f"Invalid payload for {example.job}: {example.path or '(payload)'}: "
+    assert job["failedReason"].startswith(named), job["failedReason"]
+    world.check_stand_ins()  # the processor never ran, so no external call was made
+
+
+# Where the two validators part: `pattern: "\\S"` ("must not be blank") runs on JavaScript's
+# whitespace in ajv and on Python's in jsonschema, and the two sets differ. U+FEFF is whitespace
+# only to JavaScript (Node refuses, the worker would accept); U+001C..U+001F and U+0085 only to
+# Python (Node enqueues a job the worker then fails at once). Strict xfail: once the schema
+# spells the class out, these pass and the marker must go.
+@pytest.mark.xfail(strict=True, reason="`\\S` means different characters to ajv and jsonschema")
+@pytest.mark.parametrize("blank", ["\ufeff", "\x1c", "\x85"], ids=["U+FEFF", "U+001C", "U+0085"])
+async def test_node_and_python_agree_on_blank_content(blank: str, node6: NodeBridge) -> None:
+    document = {"content": blank, "subject": "Biology", "topic": "Cells", "userId": USER_ID}
+    node = await node6.validate("payload", "generate-flashcards", document)
+    try:
+        CONTRACT.validate_payload("generate-flashcards", document)
+        python_valid = True
+    except InvalidPayload:
+        python_valid = False
+    assert node["valid"] == python_valid, f"ajv: {node['valid']}, jsonschema: {python_valid}"

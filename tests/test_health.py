@@ -1,0 +1,119 @@
+"""/health answers INTEROP §6's JSON; /ready tells a live worker from one that stopped consuming."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import aiohttp
+
+from tests.support.harness import eventually, registry_of, running_service, settings_for
+from tests.support.node_bridge import NodeBridge
+from tests.support.redis_server import private_redis
+from worker.context import JobContext
+from worker.registry import ProcessorSpec
+from worker.service import Service
+
+
+async def get(port: int, path: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+            return response.status, await response.json()
+
+
+async def test_health_json_is_exactly_the_seeds(redis_url: str, queue_name: str) -> None:
+    async with running_service(settings_for(redis_url, queue_name)) as service:
+        port = service.health.port
+        answers = [await get(port, path) for path in ("/health", "/api/health", "/")]
+    for status, body in answers:
+        assert status == 200
+        assert list(body) == [
+            "status", "service", "uptime", "uptimeMinutes", "stats", "timestamp", "pid",
+        ]  # fmt: skip
+        assert body["status"] == "healthy" and body["service"] == "worker"
+        assert isinstance(body["uptime"], int) and isinstance(body["pid"], int)
+        assert re.fullmatch(r"\d+\.\d\d", body["uptimeMinutes"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", body["timestamp"])
+        assert list(body["stats"]) == [
+            "processed", "succeeded", "failed", "currentlyProcessing", "peakConcurrency",
+            "successRate",
+        ]  # fmt: skip
+        assert body["stats"]["successRate"] == "0.0%"
+
+
+async def test_ready_is_503_while_draining(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    async def slow(payload: dict[str, Any], ctx: JobContext) -> None:
+        await asyncio.sleep(1.5)
+
+    settings = settings_for(redis_url, queue_name)
+    service = Service(settings, registry_of(ProcessorSpec("slow", slow)), _contract())
+    await service.start()
+    port = service.health.port
+    assert (await get(port, "/ready"))[0] == 200
+    added = await node6.add(queue_name, "slow", {})
+    await eventually(lambda: _state_is(node6, queue_name, added["id"], "active"))
+    stopping = asyncio.create_task(service.stop())
+    status, body = await eventually(lambda: _status_if(port, "/ready", 503), timeout=5)
+    assert "draining" in body["reason"]
+    await stopping
+
+
+async def test_ready_is_503_while_redis_is_unreachable(queue_name: str) -> None:
+    with private_redis() as url:
+        service = Service(settings_for(url, queue_name), registry_of(), _contract())
+        await service.start()
+        assert (await get(service.health.port, "/ready"))[0] == 200
+    try:
+        status, body = await get(service.health.port, "/ready")
+        assert status == 503 and "redis unreachable" in body["reason"]
+        # /health stays 200: the process is alive; /ready is what says it cannot work.
+        assert (await get(service.health.port, "/health"))[0] == 200
+    finally:
+        # Shutdown stays bounded with Redis gone (a stuck fetch must not hold it).
+        await asyncio.wait_for(service.stop(), timeout=15)
+
+
+async def test_ready_is_503_when_jobs_wait_and_none_is_taken(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    settings = settings_for(redis_url, queue_name, WORKER_READY_STALL_S=1)
+    async with running_service(settings) as service:
+        port = service.health.port
+        assert (await get(port, "/ready"))[0] == 200
+        # Wedge the consumer the way a lost-lock bug would: it stops fetching, stays alive.
+        await service.worker.pause(do_not_wait_active=True)
+        await node6.add(queue_name, "ping", {})
+        status, body = await eventually(lambda: _status_if(port, "/ready", 503), timeout=10)
+        assert "stuck" in body["reason"]
+        service.worker.resume()
+        await eventually(lambda: _status_if(port, "/ready", 200), timeout=10)
+
+
+async def test_metrics_exposes_the_counters(redis_url: str, queue_name: str) -> None:
+    async with running_service(settings_for(redis_url, queue_name)) as service:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{service.health.port}/metrics"
+            async with session.get(url) as response:
+                text = await response.text()
+    assert "worker_jobs_succeeded_total 0" in text
+    assert "worker_jobs_active 0" in text
+
+
+async def _status_if(port: int, path: str, want: int) -> tuple[int, Any] | None:
+    status, body = await get(port, path)
+    return (status, body) if status == want else None
+
+
+async def _state_is(node: NodeBridge, queue: str, job_id: str, state: str) -> bool:
+    job = await node.get_job(queue, job_id)
+    return bool(job and job["state"] == state)
+
+
+def _contract() -> Any:
+    from worker.contract import Contract
+
+    return Contract.load()
+

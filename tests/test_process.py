@@ -1,0 +1,154 @@
+"""The real CLI in a subprocess: SIGTERM mid-job, kill -9 mid-job, logs without secrets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.harness import eventually
+from tests.support.node_bridge import NodeBridge
+from tests.support.proc import WorkerProcess
+from tests.support.redis_server import private_redis
+
+pytestmark = pytest.mark.slow
+
+
+def worker_env(redis_url: str, queue: str, **extra: Any) -> dict[str, str]:
+    # Only `ping`: these tests are about the service, and need no OpenAI stand-in.
+    env = {
+        "REDIS_URL": redis_url, "WORKER_QUEUE": queue, "WORKER_HEALTH_PORT": "0",
+        "WORKER_JOB_TYPES": "ping",
+    }  # fmt: skip
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+async def until_active(node: NodeBridge, queue: str, job_id: str) -> None:
+    async def check() -> bool:
+        job = await node.get_job(queue, job_id)
+        return bool(job and job["state"] == "active")
+
+    await eventually(check, timeout=20)
+
+
+async def test_sigterm_lets_the_running_job_finish_and_exits_0(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    proc = await WorkerProcess.start(worker_env(redis_url, queue_name, WORKER_SHUTDOWN_GRACE_S=15))
+    try:
+        await proc.wait_for_line("waiting for jobs")
+        added = await node6.add(queue_name, "ping", {"sleepMs": 2500, "echo": "drain me"})
+        waiting = await node6.add(queue_name, "ping", {"echo": "not started"}, opts={"delay": 1500})
+        await until_active(node6, queue_name, added["id"])
+        sent = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        code = await proc.wait(timeout=20)
+    finally:
+        await proc.kill()
+    assert code == 0, proc.output
+    assert time.monotonic() - sent < 15
+    job = await node6.get_job(queue_name, added["id"])
+    assert job["state"] == "completed" and job["returnvalue"]["echo"] == "drain me"
+    assert job["attemptsMade"] == 1
+    # Nothing new was taken after SIGTERM: the delayed job is still there, untouched.
+    later = await node6.get_job(queue_name, waiting["id"])
+    assert later["state"] in ("delayed", "waiting") and later["attemptsMade"] == 0
+    assert "WORKER STATISTICS" in proc.output
+    assert "Succeeded: 1" in proc.output
+
+
+async def test_kill_9_mid_job_then_restart_completes_the_job_once(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    env = worker_env(
+        redis_url, queue_name, WORKER_LOCK_DURATION_MS=2000, WORKER_STALLED_INTERVAL_MS=2000
+    )
+    first = await WorkerProcess.start(env)
+    await first.wait_for_line("waiting for jobs")
+    added = await node6.add(queue_name, "ping", {"sleepMs": 1500})
+    await until_active(node6, queue_name, added["id"])
+    await first.kill()  # SIGKILL: no shutdown, the lock simply expires
+    assert f"Job completed: {added['id']}" not in first.output
+    killed_at = time.monotonic()
+    second = await WorkerProcess.start(env)
+    try:
+        job = await node6.wait_finished(queue_name, added["id"], timeout_ms=30000)
+        recovered_s = time.monotonic() - killed_at
+        second.proc.send_signal(signal.SIGTERM)
+        assert await second.wait(timeout=20) == 0
+    finally:
+        await second.kill()
+    assert job["state"] == "completed", job
+    assert job["stalledCounter"] == 1  # recovered by the stalled-job check, not a retry
+    assert job["attemptsMade"] == 1
+    assert second.output.count(f"Job completed: {added['id']}") == 1
+    assert recovered_s < 20
+
+
+async def test_logs_are_json_lines_with_the_job_id_and_no_secret(
+    node6: NodeBridge, queue_name: str
+) -> None:
+    password = "s3cret-Redis-pass"
+    api_key = "sk-test-abcdefghijklmnopqrstuvwxyz0123"
+    with private_redis(password=password) as url:
+        env = worker_env(
+            url, queue_name, LOG_FORMAT="json", OPENAI_API_KEY=api_key,
+            SUPABASE_SERVICE_ROLE_KEY="service-role-secret-xyz",
+        )  # fmt: skip
+        node = await NodeBridge.start("6", url)
+        proc = await WorkerProcess.start(env)
+        try:
+            await proc.wait_for_line("waiting for jobs")
+            added = await node.add(queue_name, "ping", {"echo": "hi"})
+            await node.wait_finished(queue_name, added["id"], timeout_ms=15000)
+            proc.proc.send_signal(signal.SIGTERM)
+            assert await proc.wait(timeout=20) == 0
+            check = await WorkerProcess.start(env, "check")
+            assert await check.wait(timeout=30) == 0, check.output
+        finally:
+            await proc.kill()
+            await node.aclose()
+    everything = proc.output + check.output
+    for secret in (password, api_key, "service-role-secret-xyz"):
+        assert secret not in everything
+    assert ":***@" in everything  # the Redis URL is shown, its password masked
+    records = [json.loads(line) for line in proc.lines if line.strip()]
+    messages = [r["message"] for r in records]
+    assert "WORKER SERVICE STARTED" in messages
+    job_lines = [r for r in records if r.get("job_id") == added["id"]]
+    assert any(r["message"].startswith("Job picked up") for r in job_lines)
+    assert any(r["message"].startswith("Job completed") for r in job_lines)
+
+
+async def test_text_logs_carry_the_banner_and_the_job_id(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    proc = await WorkerProcess.start(worker_env(redis_url, queue_name, NODE_ENV="production"))
+    try:
+        await proc.wait_for_line("waiting for jobs")
+        added = await node6.add(queue_name, "ping", {})
+        await node6.wait_finished(queue_name, added["id"], timeout_ms=15000)
+        await proc.wait_for_line("Job completed")
+        proc.proc.send_signal(signal.SIGINT)
+        assert await proc.wait(timeout=20) == 0
+    finally:
+        await proc.kill()
+    out = proc.output
+    for expected in (
+        "WORKER SERVICE STARTED", f"Queue: {queue_name}", "Concurrency: 3 jobs in parallel",
+        "Environment: production", "Health check server listening on port",
+        "Worker initialization complete, waiting for jobs...", "WORKER STATISTICS",
+    ):  # fmt: skip
+        assert expected in out
+    assert f"[{added['id']}] Job picked up: {added['id']} (ping)" in out
+    assert "Attempt: 1/3" in out
+
+
+async def test_malformed_setting_stops_start_up_naming_the_variable(queue_name: str) -> None:
+    proc = await WorkerProcess.start({"WORKER_CONCURRENCY": "lots", "WORKER_QUEUE": queue_name})
+    assert await proc.wait(timeout=20) == 2
+    assert "WORKER_CONCURRENCY" in proc.output
