@@ -11,7 +11,7 @@ run: install ## run the worker (starts a private Redis on this machine if none a
 	./scripts/ensure-redis.sh
 	exec $(PY) -m worker
 
-test: install node-deps ## every test: Python (pytest) and Node (node --test)
+test: install node-deps lint ## every test: lint, Python (pytest) and Node (node --test)
 	./scripts/ensure-redis.sh
 	$(PY) -m pytest
 	npm --prefix contract/node test

@@ -1,4 +1,4 @@
-"""`ping`: echoes its payload and the worker's identity, so operators can test a deployment end to end."""
+"""`ping`: echoes its payload and the worker's identity, to test a deployment end to end."""
 
 from __future__ import annotations
 

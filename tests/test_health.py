@@ -56,7 +56,7 @@ async def test_ready_is_503_while_draining(
     added = await node6.add(queue_name, "slow", {})
     await eventually(lambda: _state_is(node6, queue_name, added["id"], "active"))
     stopping = asyncio.create_task(service.stop())
-    status, body = await eventually(lambda: _status_if(port, "/ready", 503), timeout=5)
+    _, body = await eventually(lambda: _status_if(port, "/ready", 503), timeout=5)
     assert "draining" in body["reason"]
     await stopping
 
@@ -86,7 +86,7 @@ async def test_ready_is_503_when_jobs_wait_and_none_is_taken(
         # Wedge the consumer the way a lost-lock bug would: it stops fetching, stays alive.
         await service.worker.pause(do_not_wait_active=True)
         await node6.add(queue_name, "ping", {})
-        status, body = await eventually(lambda: _status_if(port, "/ready", 503), timeout=10)
+        _, body = await eventually(lambda: _status_if(port, "/ready", 503), timeout=10)
         assert "stuck" in body["reason"]
         service.worker.resume()
         await eventually(lambda: _status_if(port, "/ready", 200), timeout=10)
@@ -116,4 +116,3 @@ def _contract() -> Any:
     from worker.contract import Contract
 
     return Contract.load()
-

@@ -1,14 +1,13 @@
-"""Jobs from the Node producer (bullmq 5.61 and 6.7) through the real service, read back via getJob."""
+"""Jobs from the Node producer (bullmq 5.61 and 6.7) through the real service, read via getJob."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import math
 import time
 from typing import Any
-
-import pytest
 
 from tests.support.harness import eventually, registry_of, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
@@ -16,7 +15,7 @@ from worker.context import JobContext
 from worker.registry import ProcessorSpec
 
 NESTED = {
-    "text": "Grüße, 日本語, emoji 😀, quote \" backslash \\ newline \n",
+    "text": 'Grüße, 日本語, emoji 😀, quote " backslash \\ newline \n',
     "list": [1, 2.5, None, True, {"deep": [{"deeper": "ñ"}]}],
     "empty": {},
 }
@@ -94,7 +93,9 @@ async def test_idempotency_entry_is_what_node_expects(
     _, spec = recorder()
     try:
         async with running_service(settings_for(redis_url, queue_name), registry_of(spec)):
-            added = await node.add(queue_name, "echo", {"result": result}, opts={"idempotencyKey": key})
+            added = await node.add(
+                queue_name, "echo", {"result": result}, opts={"idempotencyKey": key}
+            )
             job = await node.wait_finished(queue_name, added["id"], timeout_ms=15000)
         assert job["state"] == "completed"
         entry = await node.idempotency(key)
@@ -126,7 +127,7 @@ async def test_retries_follow_the_jobs_backoff(
     async with running_service(settings_for(redis_url, queue_name), registry_of(spec)):
         ok = await node.add(queue_name, "flaky", {"succeedOn": 3})
         done = await node.wait_finished(queue_name, ok["id"], timeout_ms=30000)
-        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
         starts.clear()
         bad = await node.add(queue_name, "flaky", {"succeedOn": 99})
         failed = await node.wait_finished(queue_name, bad["id"], timeout_ms=30000)
@@ -190,7 +191,7 @@ async def test_results_that_are_not_json_are_handled_once(
         calls[payload["kind"]] += 1
         if payload["kind"] == "nan":
             return {"score": math.nan}
-        return {"at": dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.timezone.utc)}
+        return {"at": dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)}
 
     async with running_service(
         settings_for(redis_url, queue_name), registry_of(ProcessorSpec("weird", weird))
@@ -242,7 +243,12 @@ async def test_stats_count_jobs_not_attempts(
         settings_for(redis_url, queue_name), registry_of(ProcessorSpec("outcome", outcome))
     ) as service:
         ok = await node6.add(queue_name, "outcome", {"fail": False})
-        bad = await node6.add(queue_name, "outcome", {"fail": True}, opts={"attempts": 2, "backoff": {"type": "fixed", "delay": 100}})
+        bad = await node6.add(
+            queue_name,
+            "outcome",
+            {"fail": True},
+            opts={"attempts": 2, "backoff": {"type": "fixed", "delay": 100}},
+        )
         await node6.wait_finished(queue_name, ok["id"], timeout_ms=15000)
         await node6.wait_finished(queue_name, bad["id"], timeout_ms=15000)
         stats = await eventually(

@@ -94,8 +94,9 @@ async def test_blocking_processor_runs_in_a_thread_and_only_once(
 
     spec = ProcessorSpec("blocking", blocking)
     settings = settings_for(redis_url, queue_name, **FAST_LOCKS, WORKER_CONCURRENCY=1)
-    async with running_service(settings, registry_of(spec)), running_service(
-        settings, registry_of(ProcessorSpec("blocking", blocking))
+    async with (
+        running_service(settings, registry_of(spec)),
+        running_service(settings, registry_of(ProcessorSpec("blocking", blocking))),
     ):
         added = await node6.add(queue_name, "blocking", {})
         job = await node6.wait_finished(queue_name, added["id"], timeout_ms=20000)

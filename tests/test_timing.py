@@ -41,9 +41,7 @@ async def test_pickup_is_immediate_after_a_long_idle(
     assert pickup_ms < 1000, f"first job after 12 s idle waited {pickup_ms} ms"
 
 
-async def test_delayed_job_runs_on_time(
-    node6: NodeBridge, redis_url: str, queue_name: str
-) -> None:
+async def test_delayed_job_runs_on_time(node6: NodeBridge, redis_url: str, queue_name: str) -> None:
     async with running_service(settings_for(redis_url, queue_name), registry_of(NOOP)):
         added = await node6.add(queue_name, "noop", {}, opts={"delay": 7000})
         job = await node6.wait_finished(queue_name, added["id"], timeout_ms=20000)

@@ -87,7 +87,7 @@ def test_malformed_values_name_the_variable(env: dict[str, str], variable: str) 
 
 
 def test_results_are_made_json_safe() -> None:
-    when = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
     out = to_json_safe({"at": when, "tags": ("a", "b"), "raw": b"\x00\xff", "n": 1.5})
     assert out == {"at": "2026-01-02T03:04:05.678Z", "tags": ["a", "b"], "raw": "AP8=", "n": 1.5}
 
@@ -103,7 +103,7 @@ def test_unsafe_results_fail_as_bugs(value: object, where: str) -> None:
 
 
 def test_node_json_is_what_json_stringify_writes() -> None:
-    value = {"b": "héllo ✓ 日本 😀", "a": [1, 2.5, None, True], "nested": {"q": "\"\\\n"}}
+    value = {"b": "héllo ✓ 日本 😀", "a": [1, 2.5, None, True], "nested": {"q": '"\\\n'}}
     node = subprocess.run(
         ["node", "-e", "process.stdout.write(JSON.stringify(JSON.parse(process.argv[1])))",
          json.dumps(value)],
@@ -149,7 +149,9 @@ def test_idempotency_key_slices_content_like_javascript() -> None:
         "process.stdout.write('idempotency:generate-flashcards:'+"
         "c.createHash('sha256').update(JSON.stringify(o)).digest('hex'))"
     )
-    node = subprocess.run(["node", "-e", script, json.dumps(payload)], capture_output=True, check=True)
+    node = subprocess.run(
+        ["node", "-e", script, json.dumps(payload)], capture_output=True, check=True
+    )
     assert idempotency_key("generate-flashcards", payload) == node.stdout.decode()
 
 

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("name", help="job type, e.g. ping")
     enqueue.add_argument("--data", default="{}", help="the payload as JSON")
     enqueue.add_argument("--priority", type=int, help="BullMQ priority: 1 runs first, 0 = none")
-    enqueue.add_argument("--wait", action="store_true", help="wait for the final state and print it")
+    enqueue.add_argument(
+        "--wait", action="store_true", help="wait for the final state and print it"
+    )
     enqueue.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait (300)")
     enqueue.add_argument("--no-validate", action="store_true", help="skip the contract check")
     sub.add_parser("stats", help="print the queue's job counts as JSON")
@@ -107,8 +109,12 @@ async def check(settings: Settings, env: Mapping[str, str]) -> int:
         print(f"[{status:>4}] {text}")
 
     s = settings
-    line("ok", f"settings: queue {s.queue}, prefix {s.prefix}, concurrency {s.concurrency}, "
-         f"limiter {s.limiter or 'off'}, health port {s.health_port}, grace {s.shutdown_grace_s:g} s")
+    line(
+        "ok",
+        f"settings: queue {s.queue}, prefix {s.prefix}, concurrency {s.concurrency}, "
+        f"limiter {s.limiter or 'off'}, health port {s.health_port}, "
+        f"grace {s.shutdown_grace_s:g} s",
+    )
     line("ok", f"redis: {s.redis.redacted_url} (from {s.redis.source})")
     client = _redis(settings)
     try:
@@ -116,8 +122,11 @@ async def check(settings: Settings, env: Mapping[str, str]) -> int:
         line("ok", f"redis answers: version {info.get('redis_version')}")
         policy = info.get("maxmemory_policy")
         if policy != "noeviction":
-            line("warn", f"redis maxmemory-policy is {policy}; BullMQ needs noeviction or jobs vanish")
-    except Exception as exc:  # noqa: BLE001 - reported, exit code says it
+            line(
+                "warn",
+                f"redis maxmemory-policy is {policy}; BullMQ needs noeviction or jobs vanish",
+            )
+    except Exception as exc:
         line("FAIL", f"redis unreachable: {type(exc).__name__}: {exc}")
         ok = False
     finally:
@@ -128,8 +137,11 @@ async def check(settings: Settings, env: Mapping[str, str]) -> int:
         for spec in registry:
             covered = contract.has(spec.name)
             ok = ok and covered
-            line("ok" if covered else "FAIL", f"processor {spec.name}: {spec.description}"
-                 + ("" if covered else " (no contract schema)"))
+            line(
+                "ok" if covered else "FAIL",
+                f"processor {spec.name}: {spec.description}"
+                + ("" if covered else " (no contract schema)"),
+            )
             for note in spec.notes:
                 line("warn", f"{spec.name}: {note}")
     except (ConfigError, ValueError) as exc:
@@ -158,12 +170,18 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
             print(str(exc), file=sys.stderr)
             return 2
         except KeyError:
-            print(f"Unknown job type: {args.name} (use --no-validate to send it anyway)", file=sys.stderr)
+            print(
+                f"Unknown job type: {args.name} (use --no-validate to send it anyway)",
+                file=sys.stderr,
+            )
             return 2
     opts: dict[str, Any] = {**DEFAULT_JOB_OPTS, "jobId": job_id_for(args.name)}
     if args.priority is not None:
         opts["priority"] = args.priority
-    queue = Queue(settings.queue, {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix})
+    queue = Queue(
+        settings.queue,
+        {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix},
+    )
     try:
         if args.name in IDEMPOTENT_JOB_TYPES and isinstance(data, dict):
             key = idempotency_key(args.name, data)
@@ -205,10 +223,15 @@ async def _wait_for(queue: Queue, job_id: str, timeout_s: float) -> int:
 
 
 async def stats(settings: Settings) -> int:
-    queue = Queue(settings.queue, {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix})
+    queue = Queue(
+        settings.queue,
+        {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix},
+    )
     try:
         counts = await queue.getJobCounts(*STATS_STATES)
-        counts["total"] = sum(counts[k] for k in ("waiting", "active", "completed", "failed", "delayed"))
+        counts["total"] = sum(
+            counts[k] for k in ("waiting", "active", "completed", "failed", "delayed")
+        )
         print(json.dumps(counts))
         return 0
     finally:

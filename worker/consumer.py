@@ -35,7 +35,7 @@ FETCH_SETTLE_S = 2.0
 CLOSE_TIMEOUT_S = 5.0
 
 
-class QueueWorker(Worker):
+class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
     def __init__(self, settings: Settings, processor: Any) -> None:
         opts: dict[str, Any] = {
             "connection": settings.redis.connection_kwargs(),
@@ -155,7 +155,7 @@ class QueueWorker(Worker):
         for job, token in pending:
             try:
                 code: int | None = await asyncio.wait_for(self.move_to_wait(job, token), 5)
-            except Exception as exc:  # noqa: BLE001 - reported; stall recovery is the fallback
+            except Exception as exc:
                 logger.warning("Could not return job {} to the queue: {}", job.id, exc)
                 code = None
             if code is None or code < 0:
@@ -169,13 +169,15 @@ class QueueWorker(Worker):
         return moved
 
     async def move_to_wait(self, job: Job, token: str) -> int:
-        """BullMQ's moveJobFromActiveToWait: lock released, job at the head of wait, attemptsMade kept."""
+        """BullMQ's moveJobFromActiveToWait: lock released, job first in line, attemptsMade kept."""
         k = self.keys
         keys = [
             k["active"], k["wait"], k["stalled"], k["paused"], k["meta"],
             k["limiter"], k["prioritized"], k["marker"], k["events"],
         ]  # fmt: skip
-        result = await self._move_to_wait(keys=keys, args=[job.id, token, self.scripts.toKey(job.id)])
+        result = await self._move_to_wait(
+            keys=keys, args=[job.id, token, self.scripts.toKey(job.id)]
+        )
         return int(result)
 
     async def rate_limit_queue(self, ms: int) -> None:

@@ -24,7 +24,9 @@ class JobContext:
     progress: ProgressSetter  # await ctx.progress(50): visible to Node's job.progress
     log: Logger  # loguru logger; the job id is bound to every line
     redis: Redis  # the worker's command connection, for per-job state kept beside the job
-    worker: Mapping[str, Any] = field(default_factory=dict)  # identity: host, pid, worker id, version
+    worker: Mapping[str, Any] = field(
+        default_factory=dict
+    )  # identity: host, pid, worker id, version
 
     @property
     def is_last_attempt(self) -> bool:

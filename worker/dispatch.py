@@ -1,11 +1,11 @@
-"""The one processor BullMQ calls: routes by job name, validates, runs, records, classifies errors."""
+"""The one processor BullMQ calls: routes by name, validates, runs, records, classifies errors."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bullmq import Job
@@ -49,7 +49,10 @@ class Dispatcher:
         worker.on("completed", self._on_completed)
         worker.on("failed", self._on_failed)
         worker.on("error", self._on_error)
-        worker.on("stalled", lambda job_id, *_: logger.warning("Job stalled and was moved back: {}", job_id))
+        worker.on(
+            "stalled",
+            lambda job_id, *_: logger.warning("Job stalled and was moved back: {}", job_id),
+        )
 
     async def __call__(self, job: Job, token: str) -> Any:
         assert self.worker is not None, "attach() the worker first"
@@ -57,7 +60,7 @@ class Dispatcher:
         max_attempts = int(job.opts.get("attempts") or 1)
         started = time.monotonic()
         self.stats.job_started()
-        job._py_started = started  # type: ignore[attr-defined]
+        job._py_started = started
         with logger.contextualize(job_id=job.id, job_name=job.name, attempt=attempt):
             logger.info("Job picked up: {} ({})", job.id, job.name)
             logger.info("Currently processing: {} jobs", self.stats.currently_processing)
@@ -67,7 +70,7 @@ class Dispatcher:
                 job.name,
                 attempt,
                 max_attempts,
-                datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             )
             try:
                 return await self._run(job, token, attempt, max_attempts)
@@ -123,7 +126,7 @@ class Dispatcher:
         value = node_json({"jobId": job.id, "result": result, "cachedAt": int(time.time() * 1000)})
         try:
             await self.worker.redisConnection.conn.set(str(key), value, ex=IDEMPOTENCY_TTL_S)
-        except Exception as exc:  # noqa: BLE001 - logged, never fatal (INTEROP §3)
+        except Exception as exc:
             logger.warning("Could not write idempotency key {}: {}", key, exc)
 
     async def _requeue_rate_limited(self, job: Job, token: str, exc: RateLimited) -> None:
@@ -142,7 +145,7 @@ class Dispatcher:
         started = getattr(job, "_py_started", None)
         if started is None:
             return
-        job._py_started = None  # type: ignore[attr-defined]
+        job._py_started = None
         self.stats.job_ended(outcome, time.monotonic() - started)
 
     # bullmq event listeners: synchronous on purpose (bullmq never awaits async listeners).
@@ -151,7 +154,7 @@ class Dispatcher:
         self._end(job, "completed")
         duration = time.monotonic() - started if started else 0.0
         logger.bind(job_id=job.id, job_name=job.name).info(
-            "Job completed: {} in {:.2f} s, result {} bytes | total processed: {}, success rate: {}",
+            "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
             job.id,
             duration,
             len(node_json(result).encode()),

@@ -58,13 +58,11 @@ class InvalidPayload(PermanentJobError):
 
 
 class ContractViolation(PermanentJobError):
-    """A processor produced a result that breaks the contract: a bug in the worker, not the input."""
+    """A result that breaks the contract: a bug in the worker, not in the input."""
 
     def __init__(self, job_name: str, path: str, problem: str) -> None:
         where = path or "(result)"
-        super().__init__(
-            f"Bug: result of {job_name} breaks the contract at {where}: {problem}"
-        )
+        super().__init__(f"Bug: result of {job_name} breaks the contract at {where}: {problem}")
         self.job_name = job_name
         self.path = path
         self.problem = problem

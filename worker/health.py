@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -28,7 +28,7 @@ class QueueProbe:
 
 def iso_now() -> str:
     """`new Date().toISOString()`: UTC, milliseconds, `Z`."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class HealthServer:
@@ -61,9 +61,9 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
-        if sockets:
-            self.port = sockets[0].getsockname()[1]  # port 0 in tests: the one picked
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])  # port 0 in tests: the one picked
         return self.port
 
     async def stop(self) -> None:
@@ -91,7 +91,7 @@ class HealthServer:
             return False, "draining: shutting down, not taking jobs"
         try:
             probe = await asyncio.wait_for(self.probe(), timeout=REDIS_PING_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - any failure here means "not ready"
+        except Exception as exc:
             return False, f"redis unreachable: {type(exc).__name__}"
         if probe.paused:
             return True, "queue paused by an operator"

@@ -65,9 +65,7 @@ def _text_format(record: Any) -> str:
     context = ""
     if extra.get("job_id"):
         context = "[{extra[job_id]}] "
-    return (
-        "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + context + "{message}\n{exception}"
-    )
+    return "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + context + "{message}\n{exception}"
 
 
 def _json_line(record: Any, redact: Redactor) -> str:

@@ -36,7 +36,7 @@ class ProcessorSpec:
 
     async def run(self, payload: dict[str, Any], ctx: JobContext) -> Any:
         if self.is_async:
-            return await self.handler(payload, ctx)  # type: ignore[misc]
+            return await self.handler(payload, ctx)
         return await asyncio.to_thread(self.handler, payload, ctx)
 
 

@@ -35,7 +35,9 @@ def to_json_safe(value: Any, path: str = "") -> Any:
         return value
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
-            raise UnsafeResult(f"result {where}: integer {value} is beyond 2^53 and would change in Node")
+            raise UnsafeResult(
+                f"result {where}: integer {value} is beyond 2^53 and would change in Node"
+            )
         return value
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
@@ -49,12 +51,14 @@ def to_json_safe(value: Any, path: str = "") -> Any:
             out[key] = to_json_safe(item, f"{path}/{key}" if path else key)
         return out
     if isinstance(value, (list, tuple)):
-        return [to_json_safe(item, f"{path}/{i}" if path else str(i)) for i, item in enumerate(value)]
+        return [
+            to_json_safe(item, f"{path}/{i}" if path else str(i)) for i, item in enumerate(value)
+        ]
     if isinstance(value, (set, frozenset)):
         return [to_json_safe(item, f"{path}/*") for item in sorted(value, key=repr)]
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(dt.timezone.utc)
+            value = value.astimezone(dt.UTC)
             return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return value.isoformat(timespec="milliseconds")
     if isinstance(value, (dt.date, dt.time)):

@@ -140,7 +140,7 @@ class Service:
             moved = await worker.requeue_in_flight()
             if moved:
                 logger.warning(
-                    "Shutdown deadline: {} job(s) returned to the queue without using an attempt: {}",
+                    "Shutdown deadline: {} job(s) back in the queue, no attempt used: {}",
                     len(moved),
                     ", ".join(moved),
                 )
@@ -166,10 +166,12 @@ class Service:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.opt(exception=task.exception()).error("Background task {} failed", task.get_name())
+            logger.opt(exception=task.exception()).error(
+                "Background task {} failed", task.get_name()
+            )
 
     async def _watch_run_task(self, worker: QueueWorker) -> None:
-        """The bullmq run loop must never end on its own; if it does, stop so the platform restarts us."""
+        """The bullmq run loop must not end by itself; if it does, stop so the platform restarts."""
         assert worker.run_task is not None
         await asyncio.wait({worker.run_task})
         if not self._stop.is_set():

@@ -58,7 +58,7 @@ class NodeBridge:
             ready = json.loads(line) if line else {}
             if not ready.get("ready"):
                 raise NodeBridgeError(f"bridge did not start (first line {line!r})")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await bridge._kill()
             raise NodeBridgeError(
                 bridge._describe(f"bridge start failed: not ready within {timeout} s")
@@ -180,7 +180,7 @@ class NodeBridge:
             self._proc.stdin.write(json.dumps(request).encode() + b"\n")
             await self._proc.stdin.drain()
             return await asyncio.wait_for(future, limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise NodeBridgeError(
                 self._describe(f"bridge op {op} (id {request_id}) timed out after {limit} s")
             ) from None

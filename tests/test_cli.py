@@ -1,0 +1,84 @@
+"""Operator commands: check, enqueue (like the web service), stats."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.support.harness import running_service, settings_for
+from tests.support.node_bridge import NodeBridge
+from tests.support.proc import WorkerProcess
+from tests.support.redis_server import free_port
+
+
+def env_for(redis_url: str, queue: str) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "WORKER_QUEUE": queue, "WORKER_JOB_TYPES": "ping"}
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    proc = await WorkerProcess.start(env, *args)
+    code = await proc.wait(timeout=60)
+    return code, proc.output
+
+
+async def test_check_says_fit_to_run(redis_url: str, queue_name: str) -> None:
+    code, out = await run_cli(env_for(redis_url, queue_name), "check")
+    assert code == 0, out
+    assert "redis answers" in out and "processor ping" in out and "fit to run" in out
+
+
+async def test_check_fails_when_redis_is_unreachable(queue_name: str) -> None:
+    env = env_for(f"redis://127.0.0.1:{free_port()}", queue_name)
+    code, out = await run_cli(env, "check")
+    assert code == 1
+    assert "redis unreachable" in out and "NOT fit to run" in out
+
+
+async def test_check_names_a_missing_credential(redis_url: str, queue_name: str) -> None:
+    env = {**env_for(redis_url, queue_name), "WORKER_JOB_TYPES": "ping,generate-flashcards"}
+    code, out = await run_cli(env, "check")
+    assert code == 1
+    assert "OPENAI_API_KEY" in out
+
+
+async def test_enqueue_wait_adds_like_the_web_service_and_prints_the_result(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    async with running_service(settings_for(redis_url, queue_name)):
+        code, out = await run_cli(
+            env_for(redis_url, queue_name), "enqueue", "ping", "--data", '{"echo": "ñ"}', "--wait"
+        )
+    assert code == 0, out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    added, final = lines[0], lines[-1]
+    assert re.fullmatch(r"ping-\d{13}-[0-9a-z]{4,6}", added["jobId"])
+    assert final["status"] == "completed" and final["result"]["echo"] == "ñ"
+    job = await node6.get_job(queue_name, added["jobId"])
+    assert job["opts"]["attempts"] == 3
+    assert job["opts"]["backoff"] == {"type": "exponential", "delay": 2000}
+    assert job["opts"]["removeOnComplete"] == {"age": 3600, "count": 100}
+
+
+async def test_enqueue_refuses_an_invalid_payload(redis_url: str, queue_name: str) -> None:
+    code, out = await run_cli(
+        env_for(redis_url, queue_name), "enqueue", "ping", "--data", '{"sleepMs": -1}'
+    )
+    assert code == 2 and "sleepMs" in out
+
+
+@pytest.mark.parametrize("bridge_version", ["5", "6"])
+async def test_stats_prints_the_counts_the_web_service_reads(
+    bridges: dict[str, NodeBridge], bridge_version: str, redis_url: str, queue_name: str
+) -> None:
+    node = bridges[bridge_version]
+    await node.add(queue_name, "ping", {})
+    await node.add(queue_name, "ping", {}, opts={"delay": 60000})
+    code, out = await run_cli(env_for(redis_url, queue_name), "stats")
+    assert code == 0, out
+    counts = json.loads(out.splitlines()[-1])
+    node_counts = await node.counts(queue_name)
+    for state in ("waiting", "active", "completed", "failed", "delayed"):
+        assert counts[state] == node_counts[state]
+    assert counts["waiting"] == 1 and counts["delayed"] == 1 and counts["total"] == 2
