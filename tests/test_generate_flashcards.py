@@ -127,6 +127,7 @@ class Job:
             progress=record,
             log=logger.bind(job_id=self.id),
             redis=self.redis,
+            state_key=f"bull:test-flashcards:{self.id}:py-state",
         )
         data = copy.deepcopy(self.data)
         CONTRACT.validate_payload(gf.JOB_NAME, data)

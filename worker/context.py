@@ -24,6 +24,7 @@ class JobContext:
     progress: ProgressSetter  # await ctx.progress(50): visible to Node's job.progress
     log: Logger  # loguru logger; the job id is bound to every line
     redis: Redis  # the worker's command connection, for per-job state kept beside the job
+    state_key: str  # where this job may keep resumable state: `<prefix>:<queue>:<job id>:py-state`
     worker: Mapping[str, Any] = field(
         default_factory=dict
     )  # identity: host, pid, worker id, version

@@ -14,7 +14,7 @@ from loguru import logger
 
 from worker.context import JobContext
 from worker.errors import PermanentJobError, RateLimited
-from worker.keys import IDEMPOTENCY_TTL_S
+from worker.keys import IDEMPOTENCY_TTL_S, job_state_key
 from worker.results import node_json, to_json_safe
 
 if TYPE_CHECKING:
@@ -109,6 +109,7 @@ class Dispatcher:
             progress=job.updateProgress,
             log=logger.bind(job_id=job.id, job_name=job.name, attempt=attempt),
             redis=self.worker.redisConnection.conn,
+            state_key=job_state_key(self.worker.prefix, self.worker.name, str(job.id)),
             worker=self.identity,
         )
         result = to_json_safe(await spec.run(data, ctx))  # UnsafeResult: permanent
