@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -30,6 +31,7 @@ class RecordedRequest:
     headers: dict[str, str]  # lower-cased names
     body: Any  # parsed JSON, else the raw text ("" when empty)
     raw: bytes = field(repr=False, default=b"")
+    at: float = field(default_factory=time.monotonic)  # when it arrived, for spacing checks
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())

@@ -147,6 +147,20 @@ const ops = {
     return { ...counts, total };
   },
 
+  // The web service's POST for a job (INTEROP §3): compute the idempotency key, GET it, and
+  // on a hit answer from the cache without enqueueing; otherwise queue.add with the key.
+  async webEnqueue(args) {
+    const { idempotencyKey } = await contract();
+    const key = idempotencyKey(args.name, args.data);
+    const cached = await redis.get(key);
+    if (cached !== null) {
+      const { jobId, result } = JSON.parse(cached);
+      return { cached: true, jobId, result, key };
+    }
+    const added = await ops.add({ ...args, opts: { ...(args.opts ?? {}), idempotencyKey: key } });
+    return { cached: false, id: added.id, key };
+  },
+
   async idempotency({ key }) {
     const buf = await redis.getBuffer(key);
     if (buf === null) return null;

@@ -122,6 +122,12 @@ class NodeBridge:
         """getJobCounts() plus the web service's `total`."""
         return await self.call("counts", queue=queue, prefix=prefix)
 
+    async def web_enqueue(
+        self, queue: str, name: str, data: Any, opts: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The web service's flow: idempotency GET first; {cached, jobId, result} or {cached, id}."""
+        return await self.call("webEnqueue", queue=queue, name=name, data=data, opts=opts)
+
     async def idempotency(self, key: str) -> dict[str, Any] | None:
         """Raw idempotency value: {raw, parsed, restringified}, or None when missing."""
         return await self.call("idempotency", key=key)
