@@ -125,7 +125,7 @@ class NodeBridge:
     async def web_enqueue(
         self, queue: str, name: str, data: Any, opts: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The web service's flow: idempotency GET first; {cached, jobId, result} or {cached, id}."""
+        """The web service's flow: cache GET first; {cached, jobId, result} or {cached, id}."""
         return await self.call("webEnqueue", queue=queue, name=name, data=data, opts=opts)
 
     async def idempotency(self, key: str) -> dict[str, Any] | None:
