@@ -174,8 +174,12 @@ class Dispatcher:
         else:
             log.warning("Job {} will be retried: {}", job.id, _reason(err))
 
-    def _on_error(self, err: BaseException, *args: Any) -> None:
+    def _on_error(self, err: BaseException, job: Job | None = None, *args: Any) -> None:
         logger.opt(exception=err).error("Worker error: {}", _reason(err))
+        if isinstance(job, Job):
+            # bullmq could not record the outcome (Redis error in moveToFinished): the job
+            # stays active until the stalled-job check returns it, so count it as a retry.
+            self._end(job, "retry")
 
 
 def _reason(exc: BaseException) -> str:
