@@ -152,3 +152,25 @@ async def test_malformed_setting_stops_start_up_naming_the_variable(queue_name: 
     proc = await WorkerProcess.start({"WORKER_CONCURRENCY": "lots", "WORKER_QUEUE": queue_name})
     assert await proc.wait(timeout=20) == 2
     assert "WORKER_CONCURRENCY" in proc.output
+
+
+async def test_unreachable_redis_at_start_up_exits_non_zero_and_says_why(queue_name: str) -> None:
+    from tests.support.redis_server import free_port
+
+    env = worker_env(f"redis://127.0.0.1:{free_port()}", queue_name, WORKER_STARTUP_TIMEOUT_S=2)
+    proc = await WorkerProcess.start(env)
+    began = time.monotonic()
+    code = await proc.wait(timeout=30)
+    assert code == 1, proc.output
+    assert time.monotonic() - began < 15
+    assert "Redis not usable at start-up" in proc.output
+
+
+async def test_sigterm_while_connecting_exits_0_at_once(queue_name: str) -> None:
+    from tests.support.redis_server import free_port
+
+    env = worker_env(f"redis://127.0.0.1:{free_port()}", queue_name, WORKER_STARTUP_TIMEOUT_S=60)
+    proc = await WorkerProcess.start(env)
+    await proc.wait_for_line("Health check server listening")
+    proc.proc.send_signal(signal.SIGTERM)
+    assert await proc.wait(timeout=15) == 0, proc.output

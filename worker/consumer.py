@@ -22,6 +22,7 @@ from typing import Any
 from bullmq import Job, Worker
 from bullmq.redis_connection import loadScript
 from loguru import logger
+from redis.exceptions import RedisError
 
 from worker.results import node_json
 from worker.settings import REDIS_SOCKET_TIMEOUT_S, Settings
@@ -33,6 +34,10 @@ MAX_SAFE_INTEGER = 2**53 - 1
 FETCH_SETTLE_S = 2.0
 # Upper bound on closing Redis connections at shutdown.
 CLOSE_TIMEOUT_S = 5.0
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis did not answer at start-up."""
 
 
 class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
@@ -72,11 +77,19 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
 
         scripts.moveToFinishedArgs = move_to_finished_args
 
-    async def start(self) -> None:
-        """Connect, self-check the connection settings, recover stalled jobs, then run."""
-        for connection in (self.redisConnection, self.blockingRedisConnection):
-            await connection.getRedisVersion()  # sets canDoubleTimeout: sub-second waits
-        await self.blockingRedisConnection.conn.ping()
+    async def start(self, connect_timeout_s: float) -> None:
+        """Connect, self-check the connection settings, recover stalled jobs, then run.
+
+        redis-py would retry an unreachable Redis for minutes while /health says "healthy";
+        failing after `connect_timeout_s` lets the platform restart us and say why.
+        """
+        try:
+            await asyncio.wait_for(self._connect(), timeout=connect_timeout_s)
+        except (TimeoutError, OSError, RedisError) as exc:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise RedisUnavailable(
+                f"Redis not usable at start-up (gave up within {connect_timeout_s:g} s): {detail}"
+            ) from exc
         timeout = self.blockingRedisConnection.conn.connection_pool.connection_kwargs.get(
             "socket_timeout"
         )
@@ -85,8 +98,13 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
                 f"Redis socket timeout {timeout}s would cut the {DRAIN_DELAY_S}s blocking wait;"
                 f" expected None or > {DRAIN_DELAY_S + 5}s (set {REDIS_SOCKET_TIMEOUT_S})"
             )
-        await self.runStalledJobsCheck()
         self._run_task = asyncio.create_task(self.run(), name="bullmq-run")
+
+    async def _connect(self) -> None:
+        for connection in (self.redisConnection, self.blockingRedisConnection):
+            await connection.getRedisVersion()  # sets canDoubleTimeout: sub-second waits
+        await self.blockingRedisConnection.conn.ping()
+        await self.runStalledJobsCheck()
 
     @property
     def run_task(self) -> asyncio.Task[None] | None:

@@ -7,14 +7,13 @@ import logging
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
+from urllib.parse import unquote, urlsplit
 
 from loguru import logger
 
 # Environment variables whose values must never reach a log line, whatever prints them.
 SECRET_VARIABLES = (
     "REDIS_PASSWORD",
-    "REDIS_URL",
-    "REDIS_PUBLIC_URL",
     "EXPO_PUBLIC_OPENAI_API_KEY",
     "OPENAI_API_KEY",
     "SUPABASE_SERVICE_ROLE_KEY",
@@ -43,10 +42,25 @@ class Redactor:
         return text
 
 
+# Redis URLs are not secret as a whole (the address helps an operator); the password in them is.
+REDIS_URL_VARIABLES = ("REDIS_PUBLIC_URL", "REDIS_URL")
+
+
 def secrets_from_env(env: Mapping[str, str], extra: Iterable[str | None] = ()) -> list[str]:
     values = [env.get(name, "") for name in SECRET_VARIABLES]
+    for name in REDIS_URL_VARIABLES:
+        values.extend(_url_passwords(env.get(name, "")))
     values.extend(v for v in extra if v)
     return [v for v in values if v]
+
+
+def _url_passwords(url: str) -> list[str]:
+    """The password in a URL, as written (percent-encoded) and decoded."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return [url]  # unparseable: mask it whole rather than guess where the password is
+    return [password, unquote(password)] if password else []
 
 
 class _InterceptHandler(logging.Handler):

@@ -13,7 +13,7 @@ from typing import Any
 from loguru import logger
 
 from worker import __version__
-from worker.consumer import QueueWorker
+from worker.consumer import QueueWorker, RedisUnavailable
 from worker.contract import Contract
 from worker.dispatch import Dispatcher
 from worker.health import HealthServer, QueueProbe
@@ -36,6 +36,7 @@ class Service:
         self.worker: QueueWorker | None = None
         self.health: HealthServer | None = None
         self._stopped = False
+        self.exit_code = 0  # non-zero when the service stops because something broke
 
     def identity(self, worker_id: str) -> dict[str, Any]:
         return {
@@ -60,13 +61,26 @@ class Service:
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         try:
-            await self.start()
+            starting = asyncio.create_task(self.start())
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # SIGTERM while still connecting: just leave
+                starting.cancel()
+            try:
+                await starting
+            except asyncio.CancelledError:
+                pass
+            except RedisUnavailable as exc:
+                logger.error("Cannot start: {}", exc)
+                self.exit_code = 1
+                self._stop.set()
             await self._stop.wait()
+            stop.cancel()
         finally:
             await self.stop()
             for sig in signals:
                 loop.remove_signal_handler(sig)
-        return 0
+        return self.exit_code
 
     async def start(self) -> None:
         """Health server up, banner out, worker consuming."""
@@ -99,7 +113,7 @@ class Service:
                 logger.warning("{}: {}", spec.name, note)
         port = await health.start()
         logger.info("Health check server listening on port {}", port)
-        await worker.start()
+        await worker.start(s.startup_timeout_s)
         logger.info("Worker initialization complete, waiting for jobs...")
         self._own(self._watch_loop_lag(), "loop-lag")
         self._own(self._watch_run_task(worker), "run-watch")
@@ -176,6 +190,7 @@ class Service:
         await asyncio.wait({worker.run_task})
         if not self._stop.is_set():
             logger.error("The BullMQ run loop ended unexpectedly; stopping so the service restarts")
+            self.exit_code = 1  # non-zero, so a restart-on-failure policy brings us back
             self.request_stop("run-loop-exit")
 
     async def _watch_loop_lag(self) -> None:

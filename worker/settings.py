@@ -65,6 +65,7 @@ class Settings:
     max_stalled_count: int = 1
     health_port: int = 3002
     shutdown_grace_s: float = 25.0
+    startup_timeout_s: float = 30.0
     ready_stall_s: float = 120.0
     log_format: str = "text"
     log_level: str = "INFO"
@@ -97,6 +98,7 @@ class Settings:
             max_stalled_count=reader.integer("WORKER_MAX_STALLED_COUNT", 1, low=0, high=100),
             health_port=health_port,
             shutdown_grace_s=reader.number("WORKER_SHUTDOWN_GRACE_S", 25.0, low=0.0),
+            startup_timeout_s=reader.number("WORKER_STARTUP_TIMEOUT_S", 30.0, low=1.0),
             ready_stall_s=reader.number("WORKER_READY_STALL_S", 120.0, low=1.0),
             log_format=log_format,
             log_level=log_level,
