@@ -36,14 +36,14 @@ async def until_active(node: NodeBridge, queue: str, job_id: str) -> None:
 
 
 async def test_sigterm_lets_the_running_job_finish_and_exits_0(
-    node6: NodeBridge, redis_url: str, queue_name: str
+    node: NodeBridge, redis_url: str, queue_name: str
 ) -> None:
     proc = await WorkerProcess.start(worker_env(redis_url, queue_name, WORKER_SHUTDOWN_GRACE_S=15))
     try:
         await proc.wait_for_line("waiting for jobs")
-        added = await node6.add(queue_name, "ping", {"sleepMs": 2500, "echo": "drain me"})
-        waiting = await node6.add(queue_name, "ping", {"echo": "not started"}, opts={"delay": 1500})
-        await until_active(node6, queue_name, added["id"])
+        added = await node.add(queue_name, "ping", {"sleepMs": 2500, "echo": "drain me"})
+        waiting = await node.add(queue_name, "ping", {"echo": "not started"}, opts={"delay": 1500})
+        await until_active(node, queue_name, added["id"])
         sent = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         code = await proc.wait(timeout=20)
@@ -51,32 +51,32 @@ async def test_sigterm_lets_the_running_job_finish_and_exits_0(
         await proc.kill()
     assert code == 0, proc.output
     assert time.monotonic() - sent < 15
-    job = await node6.get_job(queue_name, added["id"])
+    job = await node.get_job(queue_name, added["id"])
     assert job["state"] == "completed" and job["returnvalue"]["echo"] == "drain me"
     assert job["attemptsMade"] == 1
     # Nothing new was taken after SIGTERM: the delayed job is still there, untouched.
-    later = await node6.get_job(queue_name, waiting["id"])
+    later = await node.get_job(queue_name, waiting["id"])
     assert later["state"] in ("delayed", "waiting") and later["attemptsMade"] == 0
     assert "WORKER STATISTICS" in proc.output
     assert "Succeeded: 1" in proc.output
 
 
 async def test_kill_9_mid_job_then_restart_completes_the_job_once(
-    node6: NodeBridge, redis_url: str, queue_name: str
+    node: NodeBridge, redis_url: str, queue_name: str
 ) -> None:
     env = worker_env(
         redis_url, queue_name, WORKER_LOCK_DURATION_MS=2000, WORKER_STALLED_INTERVAL_MS=2000
     )
     first = await WorkerProcess.start(env)
     await first.wait_for_line("waiting for jobs")
-    added = await node6.add(queue_name, "ping", {"sleepMs": 1500})
-    await until_active(node6, queue_name, added["id"])
+    added = await node.add(queue_name, "ping", {"sleepMs": 1500})
+    await until_active(node, queue_name, added["id"])
     await first.kill()  # SIGKILL: no shutdown, the lock simply expires
     assert f"Job completed: {added['id']}" not in first.output
     killed_at = time.monotonic()
     second = await WorkerProcess.start(env)
     try:
-        job = await node6.wait_finished(queue_name, added["id"], timeout_ms=30000)
+        job = await node.wait_finished(queue_name, added["id"], timeout_ms=30000)
         recovered_s = time.monotonic() - killed_at
         second.proc.send_signal(signal.SIGTERM)
         assert await second.wait(timeout=20) == 0

@@ -41,24 +41,24 @@ async def test_pickup_is_immediate_after_a_long_idle(
     assert pickup_ms < 1000, f"first job after 12 s idle waited {pickup_ms} ms"
 
 
-async def test_delayed_job_runs_on_time(node6: NodeBridge, redis_url: str, queue_name: str) -> None:
+async def test_delayed_job_runs_on_time(node: NodeBridge, redis_url: str, queue_name: str) -> None:
     async with running_service(settings_for(redis_url, queue_name), registry_of(NOOP)):
-        added = await node6.add(queue_name, "noop", {}, opts={"delay": 7000})
-        job = await node6.wait_finished(queue_name, added["id"], timeout_ms=20000)
+        added = await node.add(queue_name, "noop", {}, opts={"delay": 7000})
+        job = await node.wait_finished(queue_name, added["id"], timeout_ms=20000)
     late_ms = job["processedOn"] - (job["timestamp"] + 7000)
     assert job["state"] == "completed"
     assert -50 <= late_ms < 1000, f"delayed job ran {late_ms} ms after its due time"
 
 
 async def test_limiter_sustains_its_rate_with_a_backlog(
-    node6: NodeBridge, redis_url: str, queue_name: str
+    node: NodeBridge, redis_url: str, queue_name: str
 ) -> None:
     count = 40
-    added = await node6.add_bulk(queue_name, [{"name": "noop", "data": {}} for _ in range(count)])
+    added = await node.add_bulk(queue_name, [{"name": "noop", "data": {}} for _ in range(count)])
     started = time.monotonic()
     async with running_service(settings_for(redis_url, queue_name), registry_of(NOOP)):
         jobs = [
-            await node6.wait_finished(queue_name, job_id, timeout_ms=30000)
+            await node.wait_finished(queue_name, job_id, timeout_ms=30000)
             for job_id in added["ids"]
         ]
     took = time.monotonic() - started
