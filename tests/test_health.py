@@ -116,3 +116,16 @@ def _contract() -> Any:
     from worker.contract import Contract
 
     return Contract.load()
+
+
+async def test_ready_stays_200_while_the_queue_waits_out_a_rate_limit(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    settings = settings_for(redis_url, queue_name, WORKER_READY_STALL_S=1)
+    async with running_service(settings) as service:
+        await service.worker.rate_limit_queue(8000)  # what a 429 from OpenAI does
+        await node6.add(queue_name, "ping", {})
+        await asyncio.sleep(1.5)
+        status, body = await get(service.health.port, "/ready")
+        assert status == 200 and "rate-limited" in body["reason"], body
+        await service.worker.redisConnection.conn.delete(service.worker.keys["limiter"])

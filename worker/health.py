@@ -24,6 +24,7 @@ class QueueProbe:
 
     waiting: int
     paused: bool
+    rate_limited_ms: int = 0  # PTTL of the queue's limiter key: > 0 while a 429 pause lasts
 
 
 def iso_now() -> str:
@@ -95,6 +96,9 @@ class HealthServer:
             return False, f"redis unreachable: {type(exc).__name__}"
         if probe.paused:
             return True, "queue paused by an operator"
+        if probe.rate_limited_ms > 1000:
+            # Waiting out an upstream 429 (queue.rateLimit) is not a worker that stopped.
+            return True, f"queue rate-limited for {probe.rate_limited_ms / 1000:.0f} s more"
         last = self.stats.last_pickup_monotonic or self.stats.started_monotonic
         idle_s = time.monotonic() - last
         has_free_slot = self.stats.currently_processing < self.concurrency

@@ -169,8 +169,13 @@ class Service:
             pipe.llen(keys["wait"])
             pipe.zcard(keys["prioritized"])
             pipe.hexists(keys["meta"], "paused")
-            wait, prioritized, paused = await pipe.execute()
-        return QueueProbe(waiting=int(wait) + int(prioritized), paused=bool(paused))
+            pipe.pttl(keys["limiter"])
+            wait, prioritized, paused, limiter_ttl = await pipe.execute()
+        return QueueProbe(
+            waiting=int(wait) + int(prioritized),
+            paused=bool(paused),
+            rate_limited_ms=max(int(limiter_ttl), 0),
+        )
 
     def _own(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
