@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from worker.registry import Registry
 
 # Module names under processors/, in the order they are listed by `check`.
-MODULES: tuple[str, ...] = ("ping", "generate_flashcards")
+MODULES: tuple[str, ...] = ("ping", "generate_flashcards", "generate_lesson")
 
 
 def build_registry(env: Mapping[str, str], only: Iterable[str] | None = None) -> Registry:

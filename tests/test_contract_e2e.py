@@ -69,12 +69,13 @@ def payload_examples(validity: str) -> list[Example]:
 # --- which job types the worker can run here ----------------------------------------------------
 
 # Job types whose processor has not landed, and where that work is tracked.
-KNOWN_GAPS = {"generate-lesson": "generate-lesson processor: issue 7"}
+KNOWN_GAPS: dict[str, str] = {}
 
 # The local servers each job type's processor talks to (modules under tests/fakes).
 FAKES_NEEDED = {
     "ping": (),
     "generate-flashcards": ("openai_server", "postgrest_server"),
+    "generate-lesson": ("openai_server", "postgrest_server"),
 }
 
 
@@ -125,6 +126,31 @@ FLASHCARDS_REPLY = {
     ]
 }  # fmt: skip
 
+
+def lesson_replies(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the model answers, step by step, for one generate-lesson job (one topic)."""
+    from processors.generate_lesson import target_language
+    from processors.shared.lesson_steps import ENGLISH_FIELDS, OTHER_FIELDS
+
+    terms = ["contract", "consideration", "offer", "acceptance", "binding agreement"]
+    english = target_language(document.get("targetLanguage")) == "English"
+    fields = ENGLISH_FIELDS if english else OTHER_FIELDS
+    vocabulary = [
+        dict(zip(fields, (t, f"{t}: défini", f"{t} (ñ)", f"Ein {t}.", f"A {t}."), strict=True))
+        for t in terms
+    ]
+    script = [
+        {"speaker": "Assistant", "message": "Was macht einen Vertrag bindend?"},
+        {"speaker": "User", "message": "Angebot und Annahme — 契約."},
+    ]
+    return [
+        {"keywords": terms},
+        {"topics": [{"name": "Formación del contrato", "keywords": terms}]},
+        {"vocabulary": vocabulary},
+        {"conversation": script},
+    ]
+
+
 # `sleep-bounds` asks ping for 10 minutes; the round trip checks the contract, not the clock.
 MAX_PING_SLEEP_S = 0.1
 
@@ -148,12 +174,14 @@ class World:
     openai: Any = None  # tests.fakes.openai_server.FakeOpenAI
     env: dict[str, str] = field(default_factory=dict)
 
-    def prepare(self, job: str) -> None:
+    def prepare(self, job: str, document: Any) -> None:
         """Script what the external services answer for one job of type `job`."""
-        if job == "generate-flashcards":
-            from tests.fakes.openai_server import completion
+        from tests.fakes.openai_server import completion
 
+        if job == "generate-flashcards":
             self.openai.script(completion(FLASHCARDS_REPLY))
+        elif job == "generate-lesson":
+            self.openai.script(*(completion(reply) for reply in lesson_replies(document)))
 
     def check_stand_ins(self) -> None:
         if self.openai is not None:
@@ -227,7 +255,7 @@ async def forget_idempotency_entry(rclient: aioredis.Redis, job: dict[str, Any])
 async def test_valid_payload_round_trip(
     example: Example, world: World, node6: NodeBridge, rclient: aioredis.Redis
 ) -> None:
-    world.prepare(example.job)
+    world.prepare(example.job, example.document)
     added = await node6.contract_enqueue(world.queue, example.job, example.document)
     assert not added.get("rejected"), f"Node refused a valid example: {added.get('message')}"
 

@@ -28,7 +28,9 @@ DEFAULT_JOB_OPTS: dict[str, Any] = {
     "removeOnComplete": {"age": 3600, "count": 100},
     "removeOnFail": {"age": 86400, "count": 500},
 }
-IDEMPOTENT_JOB_TYPES = ("generate-flashcards", "generate-lesson")
+# The web service keys only flashcards (contract/README.md: a lesson key would ignore
+# targetLanguage and sourceFileName).
+IDEMPOTENT_JOB_TYPES = ("generate-flashcards",)
 # INTEROP §2: what the web service's /api/queue/stats reports.
 STATS_STATES = ("waiting", "active", "completed", "failed", "delayed", "prioritized", "paused")
 

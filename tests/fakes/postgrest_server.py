@@ -3,8 +3,9 @@
 It answers what the `supabase` async client sends: `GET /rest/v1/<table>?select=a,b&id=eq.<v>`
 (filters `eq neq gt gte lt lte like ilike is in`, `order`, `limit`, `offset`, and
 `Accept: application/vnd.pgrst.object+json` for `.single()`), `POST` inserts and upserts with
-`Prefer: return=representation|minimal` and `resolution=merge-duplicates`, `PATCH` updates,
-`DELETE`, and `POST /rest/v1/rpc/<fn>` with a JSON object of named arguments. Errors use
+`Prefer: return=representation|minimal` and `resolution=merge|ignore-duplicates`, `PATCH` updates,
+`DELETE`, and `POST /rest/v1/rpc/<fn>` with a JSON object of named arguments. An `id` is a
+primary key: inserting one twice is 409 23505, as in Postgres. Errors use
 PostgREST's body `{"code", "details", "hint", "message"}` and its status codes (PGRST116,
 PGRST202, PGRST205, 22P02 for a malformed uuid, 42703 for an unknown column).
 
@@ -55,6 +56,8 @@ class _Failure:
     status: int
     body: Any
     times: int
+    after_write: bool = False
+    delay_s: float = 0.0
 
 
 class PostgrestError(Exception):
@@ -107,12 +110,27 @@ class FakePostgrest(LocalServer):
         return self.origin
 
     def fail(
-        self, method: str, path: str, status: int = 500, body: Any = None, times: int = 1
+        self,
+        method: str,
+        path: str,
+        status: int = 500,
+        body: Any = None,
+        times: int = 1,
+        *,
+        after_write: bool = False,
+        delay_s: float = 0.0,
     ) -> None:
-        """The next `times` requests to `path` (e.g. `/rest/v1/rpc/increment_tokens`) fail."""
+        """The next `times` requests to `path` (e.g. `/rest/v1/rpc/increment_tokens`) fail.
+
+        With `after_write` a table request is carried out first and only its answer is the
+        failure, sent after `delay_s`: a write that committed while the client never heard
+        (a lost response, or a worker killed while it waits).
+        """
         if body is None:
             body = {"code": "XX000", "details": None, "hint": None, "message": "fake failure"}
-        self._failures.append(_Failure(method.upper(), path, status, body, times))
+        self._failures.append(
+            _Failure(method.upper(), path, status, body, times, after_write, delay_s)
+        )
 
     def rest_requests(
         self, method: str | None = None, path: str | None = None
@@ -149,14 +167,20 @@ class FakePostgrest(LocalServer):
                 {"message": "Invalid API key",
                  "hint": "Double check your Supabase `anon` or `service_role` API key."},
             )  # fmt: skip
+        if (failure := self._take_failure(request, after_write=False)) is not None:
+            return json_response(failure.status, failure.body)
+        return None
+
+    def _take_failure(self, request: web.Request, *, after_write: bool) -> _Failure | None:
         for failure in self._failures:
             if (
                 failure.times > 0
+                and failure.after_write == after_write
                 and failure.method == request.method
                 and failure.path == request.path
             ):
                 failure.times -= 1
-                return json_response(failure.status, failure.body)
+                return failure
         return None
 
     async def _rpc(self, request: web.Request) -> web.Response:
@@ -201,6 +225,13 @@ class FakePostgrest(LocalServer):
                 {"code": "PGRST205", "details": None, "hint": None,
                  "message": f"Could not find the table 'public.{table}' in the schema cache"},
             )  # fmt: skip
+        response = await self._table_response(request, table)
+        if (late := self._take_failure(request, after_write=True)) is not None:
+            await self.pause(late.delay_s)
+            return json_response(late.status, late.body)
+        return response
+
+    async def _table_response(self, request: web.Request, table: str) -> web.Response:
         prefer = _prefer(request.headers.get("Prefer", ""))
         try:
             body = await _read_json(request, default=None)
@@ -262,10 +293,18 @@ class FakePostgrest(LocalServer):
                     None,
                 )
                 if existing is not None:
+                    # ON CONFLICT DO UPDATE returns the row; DO NOTHING returns nothing for it.
                     if prefer["resolution"] == "merge-duplicates":
                         existing.update(row)
-                    written.append(existing)
+                        written.append(existing)
                     continue
+            if "id" in row and any(r.get("id") == row["id"] for r in self.tables[table]):
+                raise PostgrestError(
+                    409,
+                    "23505",
+                    f'duplicate key value violates unique constraint "{table}_pkey"',
+                    f"Key (id)=({row['id']}) already exists.",
+                )
             row.setdefault("id", str(uuid.uuid4()))
             row.setdefault("created_at", datetime.now(UTC).isoformat())
             self.tables[table].append(row)
