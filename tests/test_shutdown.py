@@ -109,3 +109,20 @@ def _contract() -> Any:
     from worker.contract import Contract
 
     return Contract.load()
+
+
+async def test_no_job_is_activated_once_shutdown_began(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    # A fetch already past bullmq's pause check (e.g. a blocking wait that ends as a delayed
+    # job falls due) used to activate a job that nobody ran: it sat `active` until stalled.
+    service = Service(settings_for(redis_url, queue_name), registry_of(), _contract())
+    await service.start()
+    try:
+        await service.worker.stop_fetching()
+        added = await node6.add(queue_name, "ping", {})
+        assert await service.worker.getNextJob(f"{service.worker.id}:late") is None
+        job = await node6.get_job(queue_name, added["id"])
+        assert job["state"] == "waiting" and job["attemptsMade"] == 0
+    finally:
+        await service.stop()

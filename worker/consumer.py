@@ -30,8 +30,8 @@ from worker.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 # Block no longer than this on the marker; well under the socket timeout.
 DRAIN_DELAY_S = 5
 MAX_SAFE_INTEGER = 2**53 - 1
-# How long shutdown waits for a fetch already under way once no job runs.
-FETCH_SETTLE_S = 2.0
+# How long shutdown waits for an activation already sent once no job runs.
+ACTIVATION_SETTLE_S = 2.0
 # Upper bound on closing Redis connections at shutdown.
 CLOSE_TIMEOUT_S = 5.0
 
@@ -58,6 +58,7 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
             opts["name"] = settings.worker_name
         super().__init__(settings.queue, processor, opts)
         self._stopping = asyncio.Event()
+        self._activating = 0  # moveToActive calls under way
         self._run_task: asyncio.Task[None] | None = None
         self._move_to_wait = self.redisConnection.conn.register_script(
             loadScript("moveJobFromActiveToWait-9.lua")
@@ -133,8 +134,16 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
     def in_flight(self) -> list[tuple[Job, str]]:
         return list(self.jobs)
 
-    def _fetching(self) -> bool:
-        return any(not task.done() for task in self.processing)
+    async def moveToActive(self, token: str) -> Job | None:
+        # The one place a job becomes active. Once shutdown began, take nothing more: a fetch
+        # that was past bullmq's pause() check would otherwise activate a job nobody runs.
+        if self._stopping.is_set():
+            return None
+        self._activating += 1
+        try:
+            return await super().moveToActive(token)
+        finally:
+            self._activating -= 1
 
     async def stop_fetching(self) -> None:
         """Stop taking jobs; in-flight jobs go on with their locks renewed."""
@@ -142,15 +151,15 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
         await self.pause(do_not_wait_active=True)
 
     async def drain(self, deadline_s: float) -> bool:
-        """Wait until no job is in flight or the deadline passes; True when drained.
+        """Wait until no job runs and no activation is under way, or the deadline passes.
 
-        A fetch already under way may still hand over a job, so it is waited for too, but
-        only briefly once no job runs: a fetch stuck on an unreachable Redis must not hold
-        shutdown for the whole grace period.
+        An activation still unanswered after ACTIVATION_SETTLE_S with no job running is stuck
+        on an unreachable Redis: it must not hold shutdown for the whole grace period (if
+        Redis did activate a job, the stalled-job check returns it).
         """
         end = time.monotonic() + deadline_s
         idle_since: float | None = None
-        while self.jobs or self._fetching():
+        while self.jobs or self._activating:
             now = time.monotonic()
             if now >= end:
                 return not self.jobs
@@ -158,22 +167,35 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
                 idle_since = None
             elif idle_since is None:
                 idle_since = now
-            elif now - idle_since > FETCH_SETTLE_S:
+            elif now - idle_since > ACTIVATION_SETTLE_S:
                 break
             await asyncio.sleep(0.05)
         return True
 
+    def _fetched_not_started(self) -> list[tuple[Job, str]]:
+        """Jobs a fetch activated as the pause began: the paused run loop will never start them."""
+        running = {job.id for job, _ in self.jobs}
+        out = []
+        for task in self.processing:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                job = task.result()
+                if isinstance(job, Job) and job.id not in running:
+                    out.append((job, job.token))
+        return out
+
     async def requeue_in_flight(self) -> list[str]:
-        """Cancel what still runs and put each job back to wait without using an attempt."""
-        pending = self.in_flight()
-        self.forceClosing = True  # bullmq must not record the cancelled runs as failures
-        self.cancelProcessing()
-        await asyncio.gather(*self.processing, return_exceptions=True)
+        """Put back what never started, cancel what still runs and put it back too, without
+        using an attempt (BullMQ's moveJobFromActiveToWait)."""
+        pending = self._fetched_not_started() + self.in_flight()
+        if self.jobs:
+            self.forceClosing = True  # bullmq must not record the cancelled runs as failures
+            self.cancelProcessing()
+            await asyncio.gather(*self.processing, return_exceptions=True)
         moved = []
         for job, token in pending:
             try:
                 code: int | None = await asyncio.wait_for(self.move_to_wait(job, token), 5)
-            except Exception as exc:
+            except Exception as exc:  # reported; stall recovery is the fallback
                 logger.warning("Could not return job {} to the queue: {}", job.id, exc)
                 code = None
             if code is None or code < 0:

@@ -150,14 +150,15 @@ class Service:
         hard.cancel()
         drained = drain.done() and drain.result()
         drain.cancel()
-        if not drained:
-            moved = await worker.requeue_in_flight()
-            if moved:
-                logger.warning(
-                    "Shutdown deadline: {} job(s) back in the queue, no attempt used: {}",
-                    len(moved),
-                    ", ".join(moved),
-                )
+        # Also when drained: a job activated just as fetching stopped was never started.
+        moved = await worker.requeue_in_flight()
+        if moved:
+            logger.warning(
+                "{}: {} job(s) back in the queue, no attempt used: {}",
+                "Drained" if drained else "Shutdown deadline",
+                len(moved),
+                ", ".join(moved),
+            )
         await worker.shutdown()
         logger.info("Worker closed")
 
