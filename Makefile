@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NODE_DIRS := tests/node contract/node
 
-.PHONY: run test test-python test-node check lint install node-deps lock clean
+.PHONY: run test test-python test-node check lint install node-deps bench lock clean
 
 run: install ## run the worker (starts a private Redis on this machine if none answers)
 	./scripts/ensure-redis.sh
@@ -44,6 +44,10 @@ node-deps: $(addsuffix /node_modules/.installed,$(NODE_DIRS))
 %/node_modules/.installed: %/package-lock.json
 	npm ci --prefix $* --no-audit --no-fund --loglevel=error
 	touch $@
+
+bench: install bench/node_modules/.installed ## Python vs Node worker, side by side (ARGS=--quick: 1 round)
+	./scripts/ensure-redis.sh
+	$(PY) bench/run.py $(ARGS)
 
 lock: ## re-resolve the Python lock files from pyproject.toml (then review the diff)
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
