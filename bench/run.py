@@ -578,6 +578,7 @@ def versions(client: redis.Redis, python: str) -> dict[str, str]:
         "uvloop": uvloop,
         "hiredis": hiredis,
         "redis_server": str(client.info("server")["redis_version"]),
+        "git": run("git", "-C", str(ROOT), "describe", "--always", "--dirty"),
         "cpus": str(os.cpu_count()),
         "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
     }
@@ -590,7 +591,8 @@ def header_line(meta: dict[str, Any]) -> str:
         loop = "uvloop" if v["uvloop"] != "-" else "asyncio"
     hiredis = f"hiredis {v['hiredis']}" if v["hiredis"] != "-" else "no hiredis"
     return (
-        f"{meta['started']} · {v['cpus']} CPUs · Redis {v['redis_server']} · "
+        f"{meta['started']} · worker code {v['git']} · {v['cpus']} CPUs · "
+        f"Redis {v['redis_server']} · "
         f"Node {v['node']}, bullmq {v['bullmq_node']} · Python {v['python']}, "
         f"bullmq {v['bullmq_python']}, redis-py {v['redis_py']} ({hiredis}), {loop} loop, "
         f"our worker at LOG_LEVEL {PY_LOG_LEVEL} unless the row says otherwise · "
