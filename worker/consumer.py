@@ -11,6 +11,12 @@
   (fetching stops, the run loop and lock renewal go on) and drains before closing.
 - Return values were stored with `\\uXXXX` escapes; they are written as Node's JSON.stringify
   writes them (raw UTF-8), byte for byte.
+
+And two costs the package adds per job, measured in bench/FINDINGS.md:
+- It completes a job with `fetch_next=False`, then fetches the next in a second round trip; the
+  completion here activates the next job as Node's worker does, and the slot runs it at once.
+- It forces one locked connection for every command of every slot; commands go over a small
+  pool here, so the slots no longer wait for each other's replies.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 from bullmq import Job, Worker
 from bullmq.redis_connection import loadScript
 from loguru import logger
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from worker.results import node_json
@@ -34,6 +41,9 @@ MAX_SAFE_INTEGER = 2**53 - 1
 ACTIVATION_SETTLE_S = 2.0
 # Upper bound on closing Redis connections at shutdown.
 CLOSE_TIMEOUT_S = 5.0
+# Sockets for the worker's non-blocking commands (the blocking wait has its own). More made
+# the c=50 sleep benchmark slower: 50 slots ending together then hit Redis as one burst.
+COMMAND_CONNECTIONS = 4
 
 
 class RedisUnavailable(RuntimeError):
@@ -41,6 +51,8 @@ class RedisUnavailable(RuntimeError):
 
 
 class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
+    _client_name_set: bool  # bullmq's own flag
+
     def __init__(self, settings: Settings, processor: Any) -> None:
         opts: dict[str, Any] = {
             "connection": settings.redis.connection_kwargs(),
@@ -57,13 +69,47 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
         if settings.worker_name:
             opts["name"] = settings.worker_name
         super().__init__(settings.queue, processor, opts)
+        self._use_connection_pool()
         self._stopping = asyncio.Event()
-        self._activating = 0  # moveToActive calls under way
+        # Activations under way: moveToActive calls, and completions that also fetch the next
+        # job until that job is handed to its slot (drain waits for both).
+        self._activating = 0
+        self._fetched_next: dict[str, list[Any]] = {}  # token -> next-job reply of a completion
         self._run_task: asyncio.Task[None] | None = None
         self._move_to_wait = self.redisConnection.conn.register_script(
             loadScript("moveJobFromActiveToWait-9.lua")
         )
         self._write_returnvalue_as_node()
+        self._fetch_next_on_complete()
+
+    def _use_connection_pool(self) -> None:
+        """Non-blocking commands on a few sockets instead of bullmq's single locked one.
+
+        bullmq forces `single_connection_client=True`: every command of every slot waits for
+        the reply to the one before (ioredis in Node pipelines them). The pool keeps the same
+        connection settings (timeouts, retry policy); the blocking connection stays bullmq's
+        own. Must run before any script is registered.
+        """
+        single = self.redisConnection.conn
+        pool = BlockingConnectionPool(
+            max_connections=COMMAND_CONNECTIONS,
+            timeout=None,  # wait for a free socket; never fail a command for lack of one
+            **single.connection_pool.connection_kwargs,
+        )
+        pooled = Redis.from_pool(pool)  # closing the client disconnects the pool
+        self.redisConnection.conn = pooled
+        self.redisConnection.loadCommands()  # scripts are bound to the client they run on
+        self.scripts.redisClient = pooled
+        self.client = pooled
+
+    async def _ensure_client_names(self) -> None:
+        """Name one connection per worker, as Node's worker does, so that `queue.getWorkers()`
+        lists each worker once (bullmq-python names both of its connections; the pool's
+        sockets stay unnamed)."""
+        if self._client_name_set:
+            return
+        await self.blockingRedisConnection.set_client_name(self.clientName)
+        self._client_name_set = True
 
     def _write_returnvalue_as_node(self) -> None:
         scripts = self.scripts
@@ -77,6 +123,71 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
             return keys, argv
 
         scripts.moveToFinishedArgs = move_to_finished_args
+
+    def _fetch_next_on_complete(self) -> None:
+        """Node's fetch-next: the moveToFinished that completes a job also activates the next
+        one, one round trip per job instead of two. Not once stopping, closing or paused."""
+        original = self.backend.moveToCompleted
+
+        async def move_to_completed(
+            job: Job, value: Any, remove: Any, token: str, fetch_next: bool = False
+        ) -> Any:
+            if self._stopping.is_set() or self.closing or self.paused:
+                return await original(job, value, remove, token, fetch_next=False)
+            self._activating += 1  # released by processJob once the job is in its slot
+            try:
+                out = await original(job, value, remove, token, fetch_next=True)
+            except BaseException:
+                self._activating -= 1
+                raise
+            self._fetched_next[token] = out["result"]
+            return out
+
+        self.backend.moveToCompleted = move_to_completed
+
+    async def processJob(self, job: Job, token: str) -> None:
+        """bullmq's processJob, then the jobs its completions fetched, in this same slot.
+
+        Running the next job here rather than returning it to bullmq's run loop keeps the
+        hand-over free of any await between the activation and `self.jobs` (so drain() never
+        sees a gap) and spares the run loop's `asyncio.wait` over every slot per job.
+        """
+        current: Job | None = job
+        while current is not None:
+            try:
+                await super().processJob(current, token)
+            except BaseException:
+                self._forget_fetched_next(token)
+                raise
+            current = await self._take_fetched_next(token)
+
+    async def _take_fetched_next(self, token: str) -> Job | None:
+        reply = self._fetched_next.pop(token, None)
+        if reply is None:
+            return None  # the completion fetched nothing (failed, delayed, or stopping)
+        try:
+            job_data, job_id, limit_until, delay_until = reply
+            # Also takes the limiter's wait and the next delayed timestamp from the reply.
+            job: Job | None = await self.nextJobFromJobData(
+                job_data, job_id, limit_until or 0, delay_until or 0, token
+            )
+        finally:
+            # No await between here and super().processJob adding the job to self.jobs.
+            self._activating -= 1
+        if job is not None:
+            self.emit("active", job, "waiting")
+        return job
+
+    def _forget_fetched_next(self, token: str) -> None:
+        reply = self._fetched_next.pop(token, None)
+        if reply is None:
+            return
+        self._activating -= 1
+        if reply[0]:
+            logger.warning(
+                "Job {} was activated as its slot stopped; the stalled-job check moves it back",
+                reply[1],
+            )
 
     async def start(self, connect_timeout_s: float) -> None:
         """Connect, self-check the connection settings, recover stalled jobs, then run.
