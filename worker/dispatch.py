@@ -64,13 +64,13 @@ class Dispatcher:
         with logger.contextualize(job_id=job.id, job_name=job.name, attempt=attempt):
             logger.info("Job picked up: {} ({})", job.id, job.name)
             logger.info("Currently processing: {} jobs", self.stats.currently_processing)
-            logger.info(
+            logger.opt(lazy=True).info(  # lazy: no timestamp formatted below INFO
                 "Processing job | Job ID: {} | Job Type: {} | Attempt: {}/{} | Started: {}",
-                job.id,
-                job.name,
-                attempt,
-                max_attempts,
-                datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                lambda: job.id,
+                lambda: job.name,
+                lambda: attempt,
+                lambda: max_attempts,
+                _iso_now,
             )
             try:
                 return await self._run(job, token, attempt, max_attempts)
@@ -154,13 +154,14 @@ class Dispatcher:
         started = getattr(job, "_py_started", None)
         self._end(job, "completed")
         duration = time.monotonic() - started if started else 0.0
-        logger.bind(job_id=job.id, job_name=job.name).info(
+        # lazy: the result is encoded again only to log its size, so only when INFO is on
+        logger.bind(job_id=job.id, job_name=job.name).opt(lazy=True).info(
             "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
-            job.id,
-            duration,
-            len(node_json(result).encode()),
-            self.stats.processed,
-            self.stats.success_rate,
+            lambda: job.id,
+            lambda: duration,
+            lambda: len(node_json(result).encode()),
+            lambda: self.stats.processed,
+            lambda: self.stats.success_rate,
         )
 
     def _on_failed(self, job: Job, err: BaseException) -> None:
@@ -180,6 +181,10 @@ class Dispatcher:
             # bullmq could not record the outcome (Redis error in moveToFinished): the job
             # stays active until the stalled-job check returns it, so count it as a retry.
             self._end(job, "retry")
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _reason(exc: BaseException) -> str:
