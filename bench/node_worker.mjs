@@ -11,6 +11,7 @@
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Worker } from 'bullmq';
+import { redisOptions } from './redis.mjs';
 
 const { values: args } = parseArgs({
   options: {
@@ -35,19 +36,6 @@ function procStatus() {
   const text = readFileSync('/proc/self/status', 'utf8');
   const kb = (field) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(text)?.[1] ?? 0);
   return { vmRssKb: kb('VmRSS'), vmHwmKb: kb('VmHWM') };
-}
-
-function redisOptions(url) {
-  const u = new URL(url);
-  return {
-    host: u.hostname,
-    port: Number(u.port || 6379),
-    db: Number(u.pathname.slice(1) || 0),
-    username: u.username ? decodeURIComponent(u.username) : undefined,
-    password: u.password ? decodeURIComponent(u.password) : undefined,
-    tls: u.protocol === 'rediss:' ? {} : undefined,
-    maxRetriesPerRequest: null,
-  };
 }
 
 const keepStarts = !args['no-starts'];
@@ -106,7 +94,8 @@ const processor = processors[args.processor];
 if (!processor) throw new Error(`unknown --processor ${args.processor}`);
 
 const opts = {
-  connection: redisOptions(args.redis),
+  // Commands wait out a Redis outage instead of failing after ioredis' 20 retries.
+  connection: { ...redisOptions(args.redis), maxRetriesPerRequest: null },
   prefix: args.prefix,
   concurrency: Number(args.concurrency),
   lockDuration: 30_000,

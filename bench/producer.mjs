@@ -10,6 +10,7 @@
 // stdout: one JSON line, {"added": n, "ms": ...} or {"added": n, "sent": [[jobId, sentAt], ...]}.
 import { parseArgs } from 'node:util';
 import { Queue } from 'bullmq';
+import { redisOptions } from './redis.mjs';
 
 const { positionals, values: args } = parseArgs({
   allowPositionals: true,
@@ -46,18 +47,6 @@ function makeJobId(name) {
   for (let i = 0; i < 4; i++) suffix += BASE36[Math.floor(Math.random() * 36)];
   seq += 1;
   return `${name}-${Date.now()}-${seq.toString(36)}${suffix}`;
-}
-
-function redisOptions(url) {
-  const u = new URL(url);
-  return {
-    host: u.hostname,
-    port: Number(u.port || 6379),
-    db: Number(u.pathname.slice(1) || 0),
-    username: u.username ? decodeURIComponent(u.username) : undefined,
-    password: u.password ? decodeURIComponent(u.password) : undefined,
-    tls: u.protocol === 'rediss:' ? {} : undefined,
-  };
 }
 
 const queue = new Queue(args.queue, { connection: redisOptions(args.redis), prefix: args.prefix });

@@ -29,6 +29,8 @@ import redis.asyncio as aioredis
 
 import processors
 from processors import ping as ping_module
+from tests.fakes.fixtures import check_openai, stand_ins, users_table
+from tests.fakes.openai_server import completion
 from tests.support.harness import running_service, settings_for, unique_queue
 from tests.support.node_bridge import NodeBridge
 from worker.contract import Contract
@@ -176,8 +178,6 @@ class World:
 
     def prepare(self, job: str, document: Any) -> None:
         """Script what the external services answer for one job of type `job`."""
-        from tests.fakes.openai_server import completion
-
         if job == "generate-flashcards":
             self.openai.script(completion(FLASHCARDS_REPLY))
         elif job == "generate-lesson":
@@ -185,8 +185,7 @@ class World:
 
     def check_stand_ins(self) -> None:
         if self.openai is not None:
-            assert self.openai.unscripted == 0, "OpenAI was called more often than scripted"
-            assert self.openai.schema_mismatches == [], self.openai.schema_mismatches
+            check_openai(self.openai)
             assert not self.openai.queue, "a scripted OpenAI reply was not used"
 
 
@@ -203,7 +202,8 @@ async def world(redis_url: str) -> AsyncIterator[World]:
     world = World(unique_queue("contract-e2e"))
     async with contextlib.AsyncExitStack() as stack:  # unwinds in reverse: service stops first
         if any(FAKES_NEEDED.get(job) for job in RUNNABLE):
-            world.openai, world.env = await start_stand_ins(stack)
+            fakes = await stack.enter_async_context(stand_ins(users_table(USER_ID)))
+            world.openai, world.env = fakes.openai, fakes.env
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         patch.setattr(ping_module, "asyncio", _ShortSleeps())
         stack.push_async_callback(_delete_queue_keys, redis_url, world.queue)
@@ -212,23 +212,6 @@ async def world(redis_url: str) -> AsyncIterator[World]:
             running_service(settings_for(redis_url, world.queue), registry)
         )
         yield world
-
-
-async def start_stand_ins(stack: contextlib.AsyncExitStack) -> tuple[Any, dict[str, str]]:
-    """The local OpenAI and PostgREST servers, and the environment pointing processors at them."""
-    from tests.fakes.openai_server import FakeOpenAI
-    from tests.fakes.postgrest_server import FakePostgrest
-
-    users = [{"id": USER_ID, "input_tokens": 1000, "output_tokens": 500}]
-    openai_fake = await stack.enter_async_context(FakeOpenAI(api_key="sk-test"))
-    db = await stack.enter_async_context(FakePostgrest({"users": users}))
-    env = {
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": openai_fake.base_url,
-        "SUPABASE_URL": db.url,
-        "SUPABASE_SERVICE_ROLE_KEY": db.api_key,
-    }
-    return openai_fake, env
 
 
 async def _delete_queue_keys(redis_url: str, queue: str) -> None:

@@ -3,7 +3,6 @@ and PostgREST stand-ins. Counts OpenAI calls and BullMQ attempts per error class
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from processors import generate_flashcards as gf
+from tests.fakes.fixtures import stand_ins, users_table
 from tests.fakes.openai_server import (
     FakeOpenAI,
     completion,
@@ -55,20 +55,11 @@ class World:
 
 @pytest.fixture
 async def world(redis_url: str, queue_name: str) -> AsyncIterator[World]:
-    users = [{"id": USER_ID, "input_tokens": 1000, "output_tokens": 500}]
-    async with contextlib.AsyncExitStack() as stack:
-        openai = await stack.enter_async_context(FakeOpenAI(api_key="sk-e2e"))
-        db = await stack.enter_async_context(FakePostgrest({"users": users}))
-        env = {
-            "OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": openai.base_url,
-            "SUPABASE_URL": db.url, "SUPABASE_SERVICE_ROLE_KEY": db.api_key,
-        }  # fmt: skip
+    async with stand_ins(users_table(USER_ID)) as fakes:
         registry = Registry()
-        registry.register(gf.build(env))
-        await stack.enter_async_context(
-            running_service(settings_for(redis_url, queue_name), registry)
-        )
-        yield World(openai, db, queue_name)
+        registry.register(gf.build(fakes.env))
+        async with running_service(settings_for(redis_url, queue_name), registry):
+            yield World(fakes.openai, fakes.db, queue_name)
 
 
 async def test_completes_then_answers_the_same_payload_from_the_cache(

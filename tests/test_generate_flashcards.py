@@ -38,6 +38,7 @@ from processors.shared.openai_client import (
     ReplyRefused,
     retry_after_s,
 )
+from tests.fakes.fixtures import Tables, users_table
 from tests.fakes.openai_server import (
     FakeOpenAI,
     Scripted,
@@ -137,19 +138,9 @@ class Job:
         return result
 
 
-@pytest_asyncio.fixture
-async def openai_fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI(api_key="sk-test") as fake:
-        yield fake
-        assert fake.unscripted == 0, "OpenAI was called more often than the test scripted"
-        assert fake.schema_mismatches == [], "a scripted reply broke the request's schema"
-
-
-@pytest_asyncio.fixture
-async def db() -> AsyncIterator[FakePostgrest]:
-    users = [{"id": USER_ID, "email": "a@example.com", "input_tokens": 1000, "output_tokens": 500}]
-    async with FakePostgrest({"users": users}) as fake:
-        yield fake
+@pytest.fixture
+def db_tables() -> Tables:
+    return users_table(USER_ID, email="a@example.com")
 
 
 @pytest_asyncio.fixture
@@ -160,19 +151,9 @@ async def dummy_redis() -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-def env(openai_fake: FakeOpenAI, db: FakePostgrest) -> dict[str, str]:
-    return {
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": openai_fake.base_url,
-        "SUPABASE_URL": db.url,
-        "SUPABASE_SERVICE_ROLE_KEY": db.api_key,
-    }
-
-
 @pytest_asyncio.fixture
 async def new_job(
-    env: dict[str, str], dummy_redis: aioredis.Redis
+    stand_in_env: dict[str, str], dummy_redis: aioredis.Redis
 ) -> AsyncIterator[Callable[..., Job]]:
     """`new_job(data=..., env_changes=...)` builds the processor from env and wraps a job."""
     specs: list[ProcessorSpec] = []
@@ -180,7 +161,7 @@ async def new_job(
     def make(
         data: dict[str, Any] | None = None, env_changes: dict[str, str | None] | None = None
     ) -> Job:
-        merged = {**env, **(env_changes or {})}
+        merged = {**stand_in_env, **(env_changes or {})}
         spec = gf.build({k: v for k, v in merged.items() if v is not None})
         specs.append(spec)
         return Job(spec, dummy_redis, data or payload())
@@ -619,8 +600,8 @@ async def test_without_supabase_jobs_run_and_build_says_accounting_is_off(
     assert db.requests == []
 
 
-def test_anon_key_is_used_but_noted(env: dict[str, str]) -> None:
-    spec_env = {k: v for k, v in env.items() if k != "SUPABASE_SERVICE_ROLE_KEY"}
+def test_anon_key_is_used_but_noted(stand_in_env: dict[str, str]) -> None:
+    spec_env = {k: v for k, v in stand_in_env.items() if k != "SUPABASE_SERVICE_ROLE_KEY"}
     spec_env["EXPO_PUBLIC_SUPABASE_ANON_KEY"] = "anon"
     spec = gf.build(spec_env)
     assert any("EXPO_PUBLIC_SUPABASE_ANON_KEY" in note for note in spec.notes)

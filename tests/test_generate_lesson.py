@@ -26,6 +26,7 @@ from processors import generate_lesson as gl
 from processors.shared import lesson_steps as steps
 from processors.shared.budget import OVER_BUDGET_MESSAGE, OverBudget
 from processors.shared.job_state import RESULT_TTL_S, STATE_TTL_S
+from tests.fakes.fixtures import Tables, users_table
 from tests.fakes.openai_server import (
     FakeOpenAI,
     Scripted,
@@ -189,40 +190,20 @@ class Job:
         return {k: json.loads(v) for k, v in raw.items()}
 
 
-@pytest_asyncio.fixture
-async def openai_fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI(api_key="sk-test") as fake:
-        yield fake
-        assert fake.unscripted == 0, "OpenAI was called more often than the test scripted"
-        assert fake.schema_mismatches == [], "a scripted reply broke the request's schema"
-
-
-@pytest_asyncio.fixture
-async def db() -> AsyncIterator[FakePostgrest]:
-    users = [{"id": USER_ID, "input_tokens": 1000, "output_tokens": 500}]
-    async with FakePostgrest({"users": users}) as fake:
-        yield fake
-
-
 @pytest.fixture
-def env(openai_fake: FakeOpenAI, db: FakePostgrest) -> dict[str, str]:
-    return {
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": openai_fake.base_url,
-        "SUPABASE_URL": db.url,
-        "SUPABASE_SERVICE_ROLE_KEY": db.api_key,
-    }
+def db_tables() -> Tables:
+    return users_table(USER_ID)
 
 
 @pytest_asyncio.fixture
 async def new_job(
-    env: dict[str, str], rclient: aioredis.Redis
+    stand_in_env: dict[str, str], rclient: aioredis.Redis
 ) -> AsyncIterator[Callable[..., Job]]:
     specs: list[ProcessorSpec] = []
     jobs: list[Job] = []
 
     def make(data: dict[str, Any] | None = None) -> Job:
-        spec = gl.build(env)
+        spec = gl.build(stand_in_env)
         specs.append(spec)
         jobs.append(Job(spec, rclient, data or payload()))
         return jobs[-1]
@@ -629,8 +610,8 @@ async def test_a_lesson_id_column_that_is_not_a_uuid_fails_at_once_naming_it(
         await new_job().attempt()
 
 
-def test_supabase_is_required(env: dict[str, str]) -> None:
-    without = {k: v for k, v in env.items() if not k.startswith("SUPABASE")}
+def test_supabase_is_required(stand_in_env: dict[str, str]) -> None:
+    without = {k: v for k, v in stand_in_env.items() if not k.startswith("SUPABASE")}
     with pytest.raises(ConfigError) as caught:
         gl.build(without)
     assert caught.value.variable == "SUPABASE_URL"
@@ -697,16 +678,10 @@ def test_clean_vocabulary_drops_empty_and_repeated_terms() -> None:
 # --- the real service ----------------------------------------------------------------------------
 
 
-def service_env(openai_fake: FakeOpenAI, db: FakePostgrest) -> dict[str, str]:
-    return {
-        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": openai_fake.base_url,
-        "SUPABASE_URL": db.url, "SUPABASE_SERVICE_ROLE_KEY": db.api_key,
-    }  # fmt: skip
-
-
 async def test_service_completes_and_writes_the_idempotency_entry(
     openai_fake: FakeOpenAI,
     db: FakePostgrest,
+    stand_in_env: dict[str, str],
     node6: NodeBridge,
     redis_url: str,
     queue_name: str,
@@ -716,7 +691,7 @@ async def test_service_completes_and_writes_the_idempotency_entry(
     data = payload(content=f"{CONTENT} ({uuid.uuid4().hex})")
     key = idempotency_key(gl.JOB_NAME, data)
     registry = Registry()
-    registry.register(gl.build(service_env(openai_fake, db)))
+    registry.register(gl.build(stand_in_env))
     try:
         async with running_service(settings_for(redis_url, queue_name), registry):
             added = await node6.add(queue_name, gl.JOB_NAME, data, opts={"idempotencyKey": key})
@@ -738,16 +713,14 @@ async def test_service_completes_and_writes_the_idempotency_entry(
         await rclient.delete(key)
 
 
-def worker_env(
-    redis_url: str, queue: str, openai_fake: FakeOpenAI, db: FakePostgrest
-) -> dict[str, str]:
+def worker_env(redis_url: str, queue: str, stand_in_env: dict[str, str]) -> dict[str, str]:
     return {
         "REDIS_URL": redis_url, "WORKER_QUEUE": queue, "WORKER_HEALTH_PORT": "0",
         "WORKER_JOB_TYPES": gl.JOB_NAME, "WORKER_LOCK_DURATION_MS": "2000",
         "WORKER_STALLED_INTERVAL_MS": "2000",
         # Several kills of one job: each recovery counts as a stall, not as an attempt.
         "WORKER_MAX_STALLED_COUNT": "10",
-        **service_env(openai_fake, db),
+        **stand_in_env,
     }  # fmt: skip
 
 
@@ -805,6 +778,7 @@ HOLD_S = 120.0  # a held reply is never answered: the worker is killed while it 
 async def test_kill_9_between_the_ai_steps_resumes_without_paying_twice(
     openai_fake: FakeOpenAI,
     db: FakePostgrest,
+    stand_in_env: dict[str, str],
     node6: NodeBridge,
     redis_url: str,
     queue_name: str,
@@ -818,7 +792,7 @@ async def test_kill_9_between_the_ai_steps_resumes_without_paying_twice(
             replies.append(slow(HOLD_S, reply(label)))
         replies.append(reply(label))
     openai_fake.script(*replies)
-    worker = KilledWorker(worker_env(redis_url, queue_name, openai_fake, db))
+    worker = KilledWorker(worker_env(redis_url, queue_name, stand_in_env))
     await worker.start()
     try:
         added = await node6.add(queue_name, gl.JOB_NAME, payload())
@@ -844,6 +818,7 @@ async def test_kill_9_between_the_ai_steps_resumes_without_paying_twice(
 async def test_kill_9_in_the_supabase_crash_windows_writes_each_row_once(
     openai_fake: FakeOpenAI,
     db: FakePostgrest,
+    stand_in_env: dict[str, str],
     node6: NodeBridge,
     redis_url: str,
     queue_name: str,
@@ -852,7 +827,7 @@ async def test_kill_9_in_the_supabase_crash_windows_writes_each_row_once(
     # Each write is carried out, and its answer held until the worker is dead.
     for method, path in (("POST", LESSONS), ("POST", VOCABULARY), ("PATCH", LESSONS)):
         db.fail(method, path, status=500, after_write=True, delay_s=HOLD_S)
-    worker = KilledWorker(worker_env(redis_url, queue_name, openai_fake, db))
+    worker = KilledWorker(worker_env(redis_url, queue_name, stand_in_env))
     await worker.start()
     try:
         added = await node6.add(queue_name, gl.JOB_NAME, payload())
