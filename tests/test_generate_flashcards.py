@@ -607,6 +607,43 @@ def test_anon_key_is_used_but_noted(stand_in_env: dict[str, str]) -> None:
     assert any("EXPO_PUBLIC_SUPABASE_ANON_KEY" in note for note in spec.notes)
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("key_variable", "url_suffix"),
+    [("SUPABASE_SERVICE_ROLE_KEY", ""), ("EXPO_PUBLIC_SUPABASE_ANON_KEY", "/")],
+)
+async def test_supabase_requests_carry_the_key_as_apikey_and_bearer_token(
+    new_job: Callable[..., Job],
+    openai_fake: FakeOpenAI,
+    db: FakePostgrest,
+    key_variable: str,
+    url_suffix: str,
+) -> None:
+    # What supabase-py sends with an API key: Supabase's gateway wants `apikey`, and PostgREST
+    # takes its role from the bearer token, so a key in only one of them is not enough.
+    openai_fake.script(completion({"flashcards": [card("Heart", "Cardiology")]}))
+    job = new_job(
+        env_changes={
+            "SUPABASE_SERVICE_ROLE_KEY": None,
+            key_variable: db.api_key,
+            "SUPABASE_URL": db.url + url_suffix,
+        }
+    )
+    assert (await job.attempt())["success"] is True
+
+    sent = db.rest_requests()
+    assert [(r.method, r.path) for r in sent] == [
+        ("GET", "/rest/v1/users"),
+        ("POST", "/rest/v1/rpc/increment_tokens"),
+    ]
+    for request in sent:
+        assert request.header("apikey") == db.api_key
+        assert request.header("authorization") == f"Bearer {db.api_key}"
+        assert request.header("accept-profile") == "public"
+        assert request.header("content-profile") == "public"
+        assert (request.header("x-client-info") or "").startswith("supabase-py/")
+
+
 # --- configuration -----------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from worker.errors import PermanentJobError, RetryableJobError
 
 if TYPE_CHECKING:
     from loguru import Logger
-    from supabase import AsyncClient
+    from postgrest import AsyncPostgrestClient
 
 INPUT_USD_PER_MTOK = 0.60
 OUTPUT_USD_PER_MTOK = 2.40
@@ -81,7 +81,7 @@ class Budget:
 
     def __init__(
         self,
-        client: AsyncClient | None,
+        client: AsyncPostgrestClient | None,
         http: httpx.AsyncClient | None = None,
         *,
         monthly_budget_usd: float = MONTHLY_BUDGET_USD,
@@ -171,11 +171,14 @@ class Budget:
         """Call `increment_tokens(user_id, input_count, output_count)`; False on failure."""
         if self.client is None or (input_tokens <= 0 and output_tokens <= 0):
             return False
+        # Sent as JSON, ints as ints; postgrest annotates `params` as dict[str, str].
+        args: dict[str, Any] = {
+            "user_id": user_id,
+            "input_count": input_tokens,
+            "output_count": output_tokens,
+        }
         try:
-            await self.client.rpc(
-                "increment_tokens",
-                {"user_id": user_id, "input_count": input_tokens, "output_count": output_tokens},
-            ).execute()
+            await self.client.rpc("increment_tokens", args).execute()
         except Exception as exc:
             log.warning(
                 "Token accounting failed for {} ({} in / {} out): {}",

@@ -29,7 +29,7 @@ from postgrest.types import ReturnMethod
 from worker.errors import JobError, PermanentJobError, RetryableJobError
 
 if TYPE_CHECKING:
-    from supabase import AsyncClient
+    from postgrest import AsyncPostgrestClient
 
 LESSONS = "esp_lessons"
 VOCABULARY = "lesson_vocabulary"
@@ -38,7 +38,7 @@ _PERMANENT_CLASSES = ("22", "23", "42")
 
 
 class LessonStore:
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncPostgrestClient) -> None:
         self.client = client
 
     async def insert_lesson(self, row: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,13 +1,23 @@
-"""Supabase for processors: settings from the environment (INTEROP §5) and the async client."""
+"""Supabase for processors: settings from the environment (INTEROP §5) and a PostgREST client.
+
+The processors only use Supabase's REST API (table reads and writes, `rpc`), so they talk to
+it through `postgrest`, the PostgREST SDK that supabase-py's `.table()` and `.rpc()` delegate
+to, and leave out the rest of supabase-py (auth, realtime, storage, functions), which cost
+memory and was never called. `make_client` sends the requests supabase-py sent, header for
+header, for an API key without a user session.
+"""
 
 from __future__ import annotations
 
+import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httpx
-from supabase import AsyncClient, AsyncClientOptions
+from postgrest import AsyncPostgrestClient
+from postgrest import __version__ as postgrest_version
+from yarl import URL
 
 from worker.errors import ConfigError
 
@@ -15,6 +25,18 @@ URL_VARIABLES = ("EXPO_PUBLIC_SUPABASE_URL", "SUPABASE_URL")
 # In order of preference: only the service role key sees every `users` row past RLS.
 KEY_VARIABLES = ("SUPABASE_SERVICE_ROLE_KEY", "EXPO_PUBLIC_SUPABASE_ANON_KEY", "SUPABASE_ANON_KEY")
 DEFAULT_TIMEOUT_S = 10.0
+SCHEMA = "public"  # sent as Accept-Profile / Content-Profile
+
+# supabase-py's X-Client-Info (its DEFAULT_HEADERS), kept so Supabase sees the same client as
+# before. supabase-py and postgrest are released together under one version (supabase==X pins
+# postgrest==X), so postgrest's version is the one supabase-py would report.
+CLIENT_INFO = (
+    f"supabase-py/{postgrest_version}"
+    f"; platform={platform.system()}"
+    f"; platform-version={platform.release()}"
+    f"; runtime=python"
+    f"; runtime-version={platform.python_version()}"
+)
 
 
 @dataclass(frozen=True)
@@ -61,16 +83,28 @@ def _first(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
     return "", ""
 
 
-def make_client(settings: SupabaseSettings) -> tuple[AsyncClient, httpx.AsyncClient]:
-    """The supabase async client and the HTTP client it runs on (the caller closes the latter).
+def rest_url(url: str) -> str:
+    """`<project URL>/rest/v1`, joined the way supabase-py joins it."""
+    return str((URL(url) if url.endswith("/") else URL(url + "/")).joinpath("rest", "v1"))
+
+
+def request_headers(key: str) -> dict[str, str]:
+    """supabase-py's headers for PostgREST with an API key (no user session, so the key is
+    also the bearer token); the client adds the schema headers."""
+    return {"X-Client-Info": CLIENT_INFO, "apiKey": key, "Authorization": f"Bearer {key}"}
+
+
+def make_client(settings: SupabaseSettings) -> tuple[AsyncPostgrestClient, httpx.AsyncClient]:
+    """The PostgREST client and the HTTP client it runs on (the caller closes the latter).
 
     Our own httpx client carries the timeout (postgrest's `timeout` argument is deprecated)
     and gives the processor one thing to close at shutdown. The constructor makes no request.
     """
     http = httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=True)
-    options = AsyncClientOptions(
-        httpx_client=http,
-        auto_refresh_token=False,  # a service key, never a user session
-        persist_session=False,
+    client = AsyncPostgrestClient(
+        rest_url(settings.url),
+        schema=SCHEMA,
+        headers=request_headers(settings.key),
+        http_client=http,
     )
-    return AsyncClient(settings.url, settings.key, options), http
+    return client, http

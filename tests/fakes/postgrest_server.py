@@ -1,6 +1,6 @@
 """A local server speaking Supabase's PostgREST API (`/rest/v1/...`) over in-memory tables.
 
-It answers what the `supabase` async client sends: `GET /rest/v1/<table>?select=a,b&id=eq.<v>`
+It answers what the `postgrest` client sends: `GET /rest/v1/<table>?select=a,b&id=eq.<v>`
 (filters `eq neq gt gte lt lte like ilike is in`, `order`, `limit`, `offset`, and
 `Accept: application/vnd.pgrst.object+json` for `.single()`), `POST` inserts and upserts with
 `Prefer: return=representation|minimal` and `resolution=merge|ignore-duplicates`, `PATCH` updates,
