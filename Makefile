@@ -28,8 +28,8 @@ check: install ## is this configuration fit to run? (settings, Redis, processors
 	$(PY) -m worker check
 
 lint: install
-	$(PY) -m ruff check worker processors tests
-	$(PY) -m ruff format --check worker processors tests
+	$(PY) -m ruff check worker processors tests bench
+	$(PY) -m ruff format --check worker processors tests bench
 	$(PY) -m mypy
 
 install: $(STAMP)

@@ -127,7 +127,7 @@ def bench_registry(args: argparse.Namespace, recorder: Recorder) -> Registry:
     registry = Registry()
     # Every production processor module is imported (the deployed footprint); those that need
     # credentials the benchmark does not have (Supabase) are left out of the registry.
-    # --bare leaves them all out, to show what their SDKs (openai, supabase) weigh.
+    # --bare leaves them all out, to show what their SDKs (openai, postgrest) weigh.
     modules: tuple[str, ...] = () if args.bare else importlib.import_module("processors").MODULES
     for module_name in modules:
         module = importlib.import_module(f"processors.{module_name}")

@@ -526,7 +526,9 @@ def build_rows(raw: Raw) -> list[Row]:
         peaks[impl] = max(hwm, default=None)
     rows.append(Row("peak RSS, highest of all runs", "MB", peaks["node"], peaks["python"]))
     bare = m("memory-bare", "python", "vmhwm_mb")
-    rows.append(Row("peak RSS, Python without processor SDKs (openai, supabase)", "MB", None, bare))
+    rows.append(
+        Row("peak RSS, Python without processor SDKs (openai, postgrest)", "MB", None, bare)
+    )
     n, p = pair("flashcards", "jobs_per_min")
     label = f"generate-flashcards ×{FLASHCARDS_JOBS}, OpenAI stand-in 1 s, c=3"
     rows.append(Row(label, "jobs/min", n, p, 180, "≥ 0.97× ideal", ge(p, 0.97 * 180)))
