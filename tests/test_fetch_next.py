@@ -87,15 +87,18 @@ async def test_jobs_fetched_with_completions_obey_the_limiter(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize(("concurrency", "round_"), [(3, 0), (3, 1), (3, 2), (20, 0), (20, 2)])
 async def test_stop_mid_stream_loses_and_repeats_nothing(
-    node6: NodeBridge, redis_url: str, queue_name: str, round_: int
+    node6: NodeBridge, redis_url: str, queue_name: str, concurrency: int, round_: int
 ) -> None:
-    # Completions are fetching next jobs when the stop comes: every job ends up completed
-    # once or waiting, never active, never run twice; a second worker finishes the rest.
+    # Completions are fetching next jobs (and, at 20 slots, leave as batched pipelines) when
+    # the stop comes: every job ends up completed once or waiting, never active, never run
+    # twice; a second worker finishes the rest.
     added = await node6.add_bulk(queue_name, jobs(80))
     runs: list[str] = []
-    settings = settings_for(redis_url, queue_name, WORKER_CONCURRENCY=3, WORKER_LIMITER_MAX=0)
+    settings = settings_for(
+        redis_url, queue_name, WORKER_CONCURRENCY=concurrency, WORKER_LIMITER_MAX=0
+    )
     async with running_service(settings, registry_of(counting(runs, 0.01 * (round_ + 1)))):
 
         async def started_enough() -> bool:

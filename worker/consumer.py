@@ -16,12 +16,14 @@ And two costs the package adds per job, measured in bench/FINDINGS.md:
 - It completes a job with `fetch_next=False`, then fetches the next in a second round trip; the
   completion here activates the next job as Node's worker does, and the slot runs it at once.
 - It forces one locked connection for every command of every slot; commands go over a small
-  pool here, so the slots no longer wait for each other's replies.
+  pool here, so the slots no longer wait for each other's replies, and completions that find
+  the pool busy leave together as one pipeline (worker/autopipeline.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
@@ -31,6 +33,7 @@ from loguru import logger
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
+from worker.autopipeline import AutoPipelinedScript
 from worker.results import node_json
 from worker.settings import REDIS_SOCKET_TIMEOUT_S, Settings
 
@@ -44,6 +47,38 @@ CLOSE_TIMEOUT_S = 5.0
 # Sockets for the worker's non-blocking commands (the blocking wait has its own). More made
 # the c=50 sleep benchmark slower: 50 slots ending together then hit Redis as one burst.
 COMMAND_CONNECTIONS = 4
+# Sent data unacknowledged this long: the command connection is dead (TCP_USER_TIMEOUT).
+COMMAND_SOCKET_DEAD_S = 30
+
+
+def command_socket_options() -> dict[str, Any]:
+    """Socket settings of the command pool: a dead connection is cut by the kernel, not by a
+    timer per command.
+
+    redis-py enforces `socket_timeout` with an `asyncio.wait_for` (a new Task) around every
+    send and a timeout context around every read: 9 % of the worker's CPU per job, the gap
+    between 0.9x and 1.0x Node on no-op jobs (bench/FINDINGS.md). Node's ioredis sets no
+    command timeout either. What the timer guarded against, a peer that vanished without a
+    reset, is bounded here by TCP: keepalive probes after 10 s idle (5 s apart, 3 of them) and
+    TCP_USER_TIMEOUT, which drops a connection whose sent data stays unacknowledged for 30 s.
+    Either way redis-py then reconnects with bullmq's retry policy. A Redis that accepts data
+    but never answers is caught by /ready's own 2 s probe, not here.
+    """
+    options: dict[int, int] = {}
+    for name, value in (
+        ("TCP_KEEPIDLE", 10),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", COMMAND_SOCKET_DEAD_S * 1000),
+    ):
+        constant = getattr(socket, name, None)  # Linux has all four; others fewer
+        if constant is not None:
+            options[constant] = value
+    return {
+        "socket_timeout": None,
+        "socket_keepalive": True,
+        "socket_keepalive_options": options,
+    }
 
 
 class RedisUnavailable(RuntimeError):
@@ -87,18 +122,26 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
 
         bullmq forces `single_connection_client=True`: every command of every slot waits for
         the reply to the one before (ioredis in Node pipelines them). The pool keeps the same
-        connection settings (timeouts, retry policy); the blocking connection stays bullmq's
-        own. Must run before any script is registered.
+        connection settings (retry policy, auth, TLS) but the per-command timeout, see
+        `command_socket_options`; the blocking connection stays bullmq's own, with its socket
+        timeout. Must run before any script is registered.
         """
-        single = self.redisConnection.conn
+        kwargs = dict(self.redisConnection.conn.connection_pool.connection_kwargs)
+        kwargs.update(command_socket_options())
         pool = BlockingConnectionPool(
             max_connections=COMMAND_CONNECTIONS,
             timeout=None,  # wait for a free socket; never fail a command for lack of one
-            **single.connection_pool.connection_kwargs,
+            **kwargs,
         )
         pooled = Redis.from_pool(pool)  # closing the client disconnects the pool
         self.redisConnection.conn = pooled
+        commands = self.redisConnection.commands
         self.redisConnection.loadCommands()  # scripts are bound to the client they run on
+        # Every completion (and failure) of every slot runs this script: batch it when busy.
+        # One lane less than the pool leaves a socket for lock renewal and the rest.
+        commands["moveToFinished"] = AutoPipelinedScript(
+            pooled, commands["moveToFinished"], max_in_flight=COMMAND_CONNECTIONS - 1
+        )
         self.scripts.redisClient = pooled
         self.client = pooled
 
