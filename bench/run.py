@@ -487,6 +487,12 @@ def build_rows(raw: Raw) -> list[Row]:
         rows.append(Row(label, "jobs/s", n, p, target="≥ 1.0× Node", ok=ge(p, n), digits=0))
     n, p = pair("noop-c3", "cpu_ms_per_job")
     rows.append(Row("no-op ×2000, c=3 (same runs)", "worker CPU ms/job", n, p, digits=3))
+    # The memory runs are 5x longer: Node's JIT is warm for most of them (bench/FINDINGS.md).
+    label = "no-op ×10,000, c=3 (the peak-RSS runs)"
+    n, p = pair("memory", "jobs_per_s")
+    rows.append(Row(label, "jobs/s", n, p, target="report", digits=0))
+    n, p = pair("memory", "cpu_ms_per_job")
+    rows.append(Row(label, "worker CPU ms/job", n, p, digits=3))
     for key, label, ideal in (
         ("sleep-c3", "sleep 50 ms ×300, c=3", 3 / 0.050),
         ("sleep-c50", "sleep 50 ms ×2000, c=50", 50 / 0.050),
