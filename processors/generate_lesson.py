@@ -71,7 +71,7 @@ from processors.shared.lesson_steps import (
 )
 from processors.shared.lesson_store import LessonStore
 from processors.shared.openai_client import OpenAISettings, complete_json, make_client
-from processors.shared.supabase_client import KEY_VARIABLES, URL_VARIABLES, SupabaseSettings
+from processors.shared.supabase_client import KEY_VARIABLES, URL_VARIABLES
 from worker.context import JobContext
 from worker.contract_types import LessonResult
 from worker.errors import (
@@ -140,15 +140,14 @@ def target_language(value: Any) -> str:
 def build(env: Mapping[str, str]) -> ProcessorSpec:
     """ConfigError without an OpenAI key or without Supabase (the lessons are written there)."""
     settings = OpenAISettings.from_env(env)
-    if SupabaseSettings.from_env(env) is None:
+    budget = Budget.from_env(env)  # ConfigError for half a Supabase configuration
+    if not budget.enabled:
         raise ConfigError(
             URL_VARIABLES[-1],
             f"{JOB_NAME} writes esp_lessons rows: set {' or '.join(URL_VARIABLES)} "
             f"and {' or '.join(KEY_VARIABLES)}",
         )
     defs = load_step_defs(JOB_NAME, CONTRACT_RESULT_SCHEMA)
-    budget = Budget.from_env(env)
-    assert budget.client is not None
     processor = LessonProcessor(settings, make_client(settings), budget, defs)
     return ProcessorSpec(
         name=JOB_NAME,
