@@ -10,7 +10,8 @@ results), the health server and the graceful stop. Every production processor mo
 (the deployed memory footprint) and registered where it builds without Supabase credentials
 (ping, generate-flashcards with budget checks off), plus `bench-noop` and `bench-sleep`; jobs
 are routed by name as in production. The start of each job is recorded where the processor's
-handler begins. The event loop is asyncio's unless uvloop is installed (`--loop auto`).
+handler begins. The event loop is the one `python -m worker` picks (`--loop auto`: uvloop when
+installed).
 
 stdout: the same protocol as bench/node_worker.mjs (a ready line, then one line of measurements
 when `--expect` jobs have finished, or on SIGTERM).
@@ -27,12 +28,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from worker.cli import event_loop_factory  # noqa: E402
 from worker.context import JobContext  # noqa: E402
 from worker.contract import Contract  # noqa: E402
 from worker.logs import setup_logging  # noqa: E402
@@ -210,16 +213,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    loop = args.loop
-    if loop == "auto":  # what `python -m worker` would use: uvloop once it is a dependency
-        loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    if loop == "uvloop":
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.loop == "auto":  # what `python -m worker` uses
+        factory = event_loop_factory()
+    elif args.loop == "uvloop":
         import uvloop
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(main(args))
-    else:
-        asyncio.run(main(args))
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main(args))
 
 
 if __name__ == "__main__":

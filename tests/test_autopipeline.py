@@ -50,7 +50,7 @@ async def echo(client: aioredis.Redis) -> AsyncIterator[tuple[str, Counted]]:
     never seen it, so its first EVALSHA answers NOSCRIPT."""
     key = f"test-autopipe-{uuid.uuid4().hex}"
     script = client.register_script(f"-- {uuid.uuid4()}\n{SCRIPT}")
-    yield key, Counted(client, script, max_in_flight=1)
+    yield key, Counted(script, max_in_flight=1)
     await client.delete(key)
 
 

@@ -8,7 +8,6 @@ here an "attempt" is one more handler call with `ctx.attempt` raised.
 
 from __future__ import annotations
 
-import copy
 import socket
 import time
 import uuid
@@ -52,8 +51,7 @@ from tests.fakes.openai_server import (
     slow,
 )
 from tests.fakes.postgrest_server import FakePostgrest
-from worker.context import JobContext
-from worker.contract import Contract
+from tests.support.processor_job import CONTRACT, ProcessorJob
 from worker.errors import (
     ConfigError,
     PermanentJobError,
@@ -64,7 +62,6 @@ from worker.registry import ProcessorSpec
 
 USER_ID = "5f0c1e9a-3b7d-4c2e-9a61-0d8b2f4e7c13"
 INCREMENT_PATH = "/rest/v1/rpc/increment_tokens"
-CONTRACT = Contract.load()
 
 CONTENT = (
     "Cardiology studies the heart. An electrocardiogram records its rhythm; arrhythmia is an "
@@ -100,44 +97,6 @@ def card(front: str, topic: str, **fields: str) -> dict[str, str]:
     }
 
 
-class Job:
-    """One job across attempts: the handler called like the runtime calls it."""
-
-    def __init__(self, spec: ProcessorSpec, redis: aioredis.Redis, data: dict[str, Any]) -> None:
-        self.spec = spec
-        self.redis = redis
-        self.data = data
-        self.id = f"{gf.JOB_NAME}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:5]}"
-        self.progress: list[int] = []
-        self.attempts = 0
-
-    async def attempt(self, attempt: int | None = None) -> dict[str, Any]:
-        """Run once; `attempt` defaults to the next one (a RateLimited requeue passes the same)."""
-        self.attempts = attempt or self.attempts + 1
-        self.progress = []
-
-        async def record(value: int | dict[str, Any]) -> None:
-            assert isinstance(value, int)
-            self.progress.append(value)
-
-        ctx = JobContext(
-            job_id=self.id,
-            name=gf.JOB_NAME,
-            attempt=self.attempts,
-            max_attempts=3,
-            progress=record,
-            log=logger.bind(job_id=self.id),
-            redis=self.redis,
-            state_key=f"bull:test-flashcards:{self.id}:py-state",
-        )
-        data = copy.deepcopy(self.data)
-        CONTRACT.validate_payload(gf.JOB_NAME, data)
-        result = await self.spec.run(data, ctx)
-        CONTRACT.validate_result(gf.JOB_NAME, result)
-        assert isinstance(result, dict)
-        return result
-
-
 @pytest.fixture
 def db_tables() -> Tables:
     return users_table(USER_ID, email="a@example.com")
@@ -154,17 +113,17 @@ async def dummy_redis() -> AsyncIterator[aioredis.Redis]:
 @pytest_asyncio.fixture
 async def new_job(
     stand_in_env: dict[str, str], dummy_redis: aioredis.Redis
-) -> AsyncIterator[Callable[..., Job]]:
+) -> AsyncIterator[Callable[..., ProcessorJob]]:
     """`new_job(data=..., env_changes=...)` builds the processor from env and wraps a job."""
     specs: list[ProcessorSpec] = []
 
     def make(
         data: dict[str, Any] | None = None, env_changes: dict[str, str | None] | None = None
-    ) -> Job:
+    ) -> ProcessorJob:
         merged = {**stand_in_env, **(env_changes or {})}
         spec = gf.build({k: v for k, v in merged.items() if v is not None})
         specs.append(spec)
-        return Job(spec, dummy_redis, data or payload())
+        return ProcessorJob(spec, dummy_redis, data or payload())
 
     yield make
     for spec in specs:
@@ -181,7 +140,7 @@ def increments(db: FakePostgrest) -> list[Any]:
 
 @pytest.mark.asyncio
 async def test_fixed_topic_success_cleans_cards_and_accounts_tokens(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     openai_fake.script(
         completion(
@@ -248,7 +207,7 @@ async def test_fixed_topic_success_cleans_cards_and_accounts_tokens(
 
 @pytest.mark.asyncio
 async def test_ai_selection_folds_small_topics_into_the_largest(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     cards = (
         [card(f"Heart term {i}", "Cardiology") for i in range(6)]
@@ -276,7 +235,7 @@ async def test_ai_selection_folds_small_topics_into_the_largest(
 
 @pytest.mark.asyncio
 async def test_legacy_show_native_language_job_targets_english(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     openai_fake.script(completion({"flashcards": [card("Heart", "Cardiology")]}))
     data = payload(targetLanguage=None, showNativeLanguage=True, nativeLanguage=None)
@@ -288,7 +247,7 @@ async def test_legacy_show_native_language_job_targets_english(
 
 @pytest.mark.asyncio
 async def test_the_stable_instructions_come_first_for_every_job(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     openai_fake.script(completion({"flashcards": []}), completion({"flashcards": []}))
     await new_job(payload()).attempt()
@@ -305,7 +264,7 @@ async def test_the_stable_instructions_come_first_for_every_job(
 
 @pytest.mark.asyncio
 async def test_rate_limit_then_success_uses_no_attempt(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     openai_fake.script(
         rate_limited(retry_after_s=7), completion({"flashcards": [card("Heart", "X")]})
@@ -327,7 +286,7 @@ async def test_rate_limit_then_success_uses_no_attempt(
 
 @pytest.mark.asyncio
 async def test_rate_limit_reads_retry_after_ms(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     openai_fake.script(rate_limited(retry_after_s=30, retry_after_ms=2500))
     with pytest.raises(RateLimited) as caught:
@@ -356,7 +315,7 @@ def test_retry_after_parsing_default_and_bounds() -> None:
 
 @pytest.mark.asyncio
 async def test_insufficient_quota_fails_at_once(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     openai_fake.script(insufficient_quota())
     with pytest.raises(PermanentJobError, match="insufficient_quota"):
@@ -366,7 +325,7 @@ async def test_insufficient_quota_fails_at_once(
 
 @pytest.mark.asyncio
 async def test_request_larger_than_the_tpm_limit_fails_at_once(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     # A 429 that waiting never fixes: requeueing it would pause the queue forever.
     openai_fake.script(request_too_large())
@@ -380,7 +339,7 @@ async def test_request_larger_than_the_tpm_limit_fails_at_once(
 
 @pytest.mark.asyncio
 async def test_server_error_twice_then_success(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     openai_fake.script(server_error(500), server_error(503), completion({"flashcards": []}))
     job = new_job()
@@ -395,7 +354,7 @@ async def test_server_error_twice_then_success(
 
 @pytest.mark.asyncio
 async def test_invalid_api_key_fails_at_once_without_echoing_the_key(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     job = new_job(env_changes={"OPENAI_API_KEY": "sk-wrong-key"})
     with pytest.raises(PermanentJobError) as caught:
@@ -425,7 +384,7 @@ async def test_invalid_api_key_fails_at_once_without_echoing_the_key(
     ids=["400", "400-context-length", "403", "404", "422"],
 )  # fmt: skip
 async def test_client_errors_fail_at_once(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, reply: Scripted, expected: str
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, reply: Scripted, expected: str
 ) -> None:
     openai_fake.script(reply)
     with pytest.raises(PermanentJobError, match=expected):
@@ -434,7 +393,9 @@ async def test_client_errors_fail_at_once(
 
 
 @pytest.mark.asyncio
-async def test_timeout_is_retryable(new_job: Callable[..., Job], openai_fake: FakeOpenAI) -> None:
+async def test_timeout_is_retryable(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
+) -> None:
     openai_fake.script(slow(5.0), completion({"flashcards": []}))
     job = new_job(env_changes={"OPENAI_TIMEOUT_S": "0.3"})
     started = time.monotonic()
@@ -448,7 +409,7 @@ async def test_timeout_is_retryable(new_job: Callable[..., Job], openai_fake: Fa
 
 
 @pytest.mark.asyncio
-async def test_connection_refused_is_retryable(new_job: Callable[..., Job]) -> None:
+async def test_connection_refused_is_retryable(new_job: Callable[..., ProcessorJob]) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again below: nothing listens there
@@ -462,7 +423,7 @@ async def test_connection_refused_is_retryable(new_job: Callable[..., Job]) -> N
 
 @pytest.mark.asyncio
 async def test_refusal_fails_at_once_with_the_reason_and_is_still_accounted(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     openai_fake.script(
         refused("I'm sorry, I can't help with that.", prompt_tokens=900, completion_tokens=12)
@@ -482,7 +443,7 @@ async def test_refusal_fails_at_once_with_the_reason_and_is_still_accounted(
 
 @pytest.mark.asyncio
 async def test_cut_off_reply_fails_at_once_and_is_accounted(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     openai_fake.script(
         completion('{"flashcards": [{"front": "Hea', finish_reason="length", completion_tokens=8192)
@@ -495,7 +456,7 @@ async def test_cut_off_reply_fails_at_once_and_is_accounted(
 
 @pytest.mark.asyncio
 async def test_content_filter_fails_at_once(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     openai_fake.script(completion(None, finish_reason="content_filter"))
     with pytest.raises(ReplyFiltered):
@@ -507,7 +468,7 @@ async def test_content_filter_fails_at_once(
 
 @pytest.mark.asyncio
 async def test_over_budget_fails_before_any_openai_call(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     db.tables["users"][0].update(input_tokens=0, output_tokens=2_100_000)  # $5.04 spent
     job = new_job()
@@ -526,7 +487,7 @@ async def test_over_budget_fails_before_any_openai_call(
 
 @pytest.mark.asyncio
 async def test_the_estimate_of_this_call_counts_against_the_budget(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     data = payload(content="word " * 40_000)  # ≈ 50k input + 125k output tokens ≈ $0.33
     messages = gf.build_messages(data)
@@ -549,7 +510,7 @@ def test_estimate_follows_interop() -> None:
 
 @pytest.mark.asyncio
 async def test_budget_read_failure_is_retryable_and_calls_no_openai(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     db.fail("GET", "/rest/v1/users", status=500)
     with pytest.raises(RetryableJobError, match="budget"):
@@ -559,7 +520,7 @@ async def test_budget_read_failure_is_retryable_and_calls_no_openai(
 
 @pytest.mark.asyncio
 async def test_unknown_and_non_uuid_users_count_as_nothing_spent(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     openai_fake.script(completion({"flashcards": []}), completion({"flashcards": []}))
     await new_job(payload(userId=str(uuid.uuid4()))).attempt()
@@ -571,7 +532,7 @@ async def test_unknown_and_non_uuid_users_count_as_nothing_spent(
 
 @pytest.mark.asyncio
 async def test_increment_tokens_failure_is_logged_not_fatal(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     db.fail("POST", INCREMENT_PATH, status=500)
     openai_fake.script(completion({"flashcards": [card("Heart", "Cardiology")]}))
@@ -588,7 +549,7 @@ async def test_increment_tokens_failure_is_logged_not_fatal(
 
 @pytest.mark.asyncio
 async def test_without_supabase_jobs_run_and_build_says_accounting_is_off(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     openai_fake.script(completion({"flashcards": [card("Heart", "Cardiology")]}))
     job = new_job(env_changes={"SUPABASE_URL": None, "SUPABASE_SERVICE_ROLE_KEY": None})
@@ -613,7 +574,7 @@ def test_anon_key_is_used_but_noted(stand_in_env: dict[str, str]) -> None:
     [("SUPABASE_SERVICE_ROLE_KEY", ""), ("EXPO_PUBLIC_SUPABASE_ANON_KEY", "/")],
 )
 async def test_supabase_requests_carry_the_key_as_apikey_and_bearer_token(
-    new_job: Callable[..., Job],
+    new_job: Callable[..., ProcessorJob],
     openai_fake: FakeOpenAI,
     db: FakePostgrest,
     key_variable: str,

@@ -9,9 +9,7 @@ the Supabase crash windows, then restarted.
 
 from __future__ import annotations
 
-import copy
 import json
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,14 +38,12 @@ from tests.fakes.postgrest_server import FakePostgrest
 from tests.support.harness import eventually, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
 from tests.support.proc import WorkerProcess
-from worker.context import JobContext
-from worker.contract import Contract
+from tests.support.processor_job import ProcessorJob
 from worker.errors import ConfigError, PermanentJobError, RateLimited, RetryableJobError
 from worker.idempotency import idempotency_key
 from worker.registry import ProcessorSpec, Registry
 
 USER_ID = "5f0c1e9a-3b7d-4c2e-9a61-0d8b2f4e7c13"
-CONTRACT = Contract.load()
 LESSONS = "/rest/v1/esp_lessons"
 VOCABULARY = "/rest/v1/lesson_vocabulary"
 
@@ -148,48 +144,6 @@ def steps_called(fake: FakeOpenAI) -> list[str]:
 # --- the handler, called like the runtime calls it -------------------------------------------
 
 
-class Job:
-    """One job across attempts, its state in a real Redis under a key of its own."""
-
-    def __init__(self, spec: ProcessorSpec, redis: aioredis.Redis, data: dict[str, Any]) -> None:
-        self.spec = spec
-        self.redis = redis
-        self.data = data
-        self.id = f"{gl.JOB_NAME}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:5]}"
-        self.state_key = f"bull:test-lesson-{uuid.uuid4().hex[:8]}:{self.id}:py-state"
-        self.progress: list[int] = []
-        self.attempts = 0
-
-    async def attempt(self, attempt: int | None = None, max_attempts: int = 3) -> dict[str, Any]:
-        self.attempts = attempt or self.attempts + 1
-        self.progress = []
-
-        async def record(value: int | dict[str, Any]) -> None:
-            assert isinstance(value, int)
-            self.progress.append(value)
-
-        ctx = JobContext(
-            job_id=self.id,
-            name=gl.JOB_NAME,
-            attempt=self.attempts,
-            max_attempts=max_attempts,
-            progress=record,
-            log=logger.bind(job_id=self.id),
-            redis=self.redis,
-            state_key=self.state_key,
-        )
-        data = copy.deepcopy(self.data)
-        CONTRACT.validate_payload(gl.JOB_NAME, data)
-        result = await self.spec.run(data, ctx)
-        CONTRACT.validate_result(gl.JOB_NAME, result)
-        assert isinstance(result, dict)
-        return result
-
-    async def state(self) -> dict[str, Any]:
-        raw = await self.redis.hgetall(self.state_key)
-        return {k: json.loads(v) for k, v in raw.items()}
-
-
 @pytest.fixture
 def db_tables() -> Tables:
     return users_table(USER_ID)
@@ -198,14 +152,14 @@ def db_tables() -> Tables:
 @pytest_asyncio.fixture
 async def new_job(
     stand_in_env: dict[str, str], rclient: aioredis.Redis
-) -> AsyncIterator[Callable[..., Job]]:
+) -> AsyncIterator[Callable[..., ProcessorJob]]:
     specs: list[ProcessorSpec] = []
-    jobs: list[Job] = []
+    jobs: list[ProcessorJob] = []
 
-    def make(data: dict[str, Any] | None = None) -> Job:
+    def make(data: dict[str, Any] | None = None) -> ProcessorJob:
         spec = gl.build(stand_in_env)
         specs.append(spec)
-        jobs.append(Job(spec, rclient, data or payload()))
+        jobs.append(ProcessorJob(spec, rclient, data or payload()))
         return jobs[-1]
 
     yield make
@@ -252,7 +206,7 @@ def assert_written_once(db: FakePostgrest, *, topics: int = 2) -> None:
 
 
 async def test_english_target_writes_lessons_vocabulary_and_conversations(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest, logs: LogLines
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest, logs: LogLines
 ) -> None:
     script_all(openai_fake)
     job = new_job()
@@ -324,7 +278,7 @@ async def test_english_target_writes_lessons_vocabulary_and_conversations(
 
 @pytest.mark.parametrize("target", ["French", "Deutsch"])
 async def test_non_english_target_uses_the_other_field_names(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest, target: str
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest, target: str
 ) -> None:
     script_all(openai_fake, english=False)
     result = await new_job(payload(targetLanguage=target)).attempt()
@@ -349,7 +303,7 @@ async def test_non_english_target_uses_the_other_field_names(
 
 @pytest.mark.parametrize("target", ["en-GB", "english", None])
 async def test_english_spellings_and_the_default_pick_the_english_fields(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, target: str | None
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, target: str | None
 ) -> None:
     script_all(openai_fake)
     await new_job(payload(targetLanguage=target, sourceFileName=None)).attempt()
@@ -358,7 +312,7 @@ async def test_english_spellings_and_the_default_pick_the_english_fields(
 
 
 async def test_defaults_for_native_language_and_source_file(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     script_all(openai_fake)
     await new_job(payload(nativeLanguage=None, sourceFileName=None)).attempt()
@@ -367,7 +321,7 @@ async def test_defaults_for_native_language_and_source_file(
 
 
 async def test_keyword_count_scales_with_the_content(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
 ) -> None:
     long_content = " ".join(f"word{i}" for i in range(800))
     openai_fake.script(completion({"keywords": ["1", "x"]}))  # nothing usable: fails at once
@@ -385,7 +339,7 @@ async def test_keyword_count_scales_with_the_content(
 
 @pytest.mark.parametrize("failing", ORDER)
 async def test_a_failure_at_each_step_then_a_retry_resumes_without_paying_twice(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest, failing: str
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest, failing: str
 ) -> None:
     replies = [reply(label) for label in ORDER]
     replies.insert(ORDER.index(failing), server_error(503))
@@ -423,7 +377,7 @@ async def test_a_failure_at_each_step_then_a_retry_resumes_without_paying_twice(
          "chat-lost-answer"],
 )  # fmt: skip
 async def test_a_supabase_failure_at_each_write_then_a_retry_writes_once(
-    new_job: Callable[..., Job],
+    new_job: Callable[..., ProcessorJob],
     openai_fake: FakeOpenAI,
     db: FakePostgrest,
     method: str,
@@ -443,7 +397,7 @@ async def test_a_supabase_failure_at_each_write_then_a_retry_writes_once(
 
 
 async def test_rate_limit_mid_job_requeues_and_the_same_attempt_resumes(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     replies = [reply(label) for label in ORDER]
     replies.insert(4, rate_limited(retry_after_s=3))  # before the second vocabulary
@@ -459,7 +413,7 @@ async def test_rate_limit_mid_job_requeues_and_the_same_attempt_resumes(
 
 
 async def test_a_rerun_after_the_result_was_saved_answers_from_the_state(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     # A crash between the processor returning and BullMQ marking the job completed.
     script_all(openai_fake)
@@ -473,7 +427,7 @@ async def test_a_rerun_after_the_result_was_saved_answers_from_the_state(
 
 
 async def test_usage_whose_accounting_a_crash_interrupted_is_sent_on_resume(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     job = new_job()
     # As left by a run killed after saving the keywords call, before increment_tokens.
@@ -489,7 +443,7 @@ async def test_usage_whose_accounting_a_crash_interrupted_is_sent_on_resume(
 
 
 async def test_the_state_lives_beside_the_job_with_a_ttl_while_it_runs(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     openai_fake.script(reply("K"), reply("T"), reply("V1"), server_error(500))
     job = new_job()
@@ -520,7 +474,7 @@ async def test_the_state_lives_beside_the_job_with_a_ttl_while_it_runs(
     ids=["refused", "cut-off", "empty"],
 )  # fmt: skip
 async def test_a_conversation_that_cannot_be_generated_leaves_chat_content_null_and_says_so(
-    new_job: Callable[..., Job],
+    new_job: Callable[..., ProcessorJob],
     openai_fake: FakeOpenAI,
     db: FakePostgrest,
     logs: LogLines,
@@ -540,7 +494,7 @@ async def test_a_conversation_that_cannot_be_generated_leaves_chat_content_null_
 
 
 async def test_a_transient_conversation_failure_is_retried_then_given_up_on_the_last_attempt(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest, logs: LogLines
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest, logs: LogLines
 ) -> None:
     openai_fake.script(
         reply("K"), reply("T"), reply("V1"), server_error(500), server_error(502),
@@ -563,7 +517,7 @@ async def test_a_transient_conversation_failure_is_retried_then_given_up_on_the_
 
 
 async def test_over_budget_part_way_fails_at_once_naming_the_rows_already_written(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     # $4.80 spent; the first vocabulary reply's 100k output tokens ($0.24) pass the allowance.
     db.tables["users"][0].update(input_tokens=0, output_tokens=2_000_000)
@@ -587,7 +541,7 @@ async def test_over_budget_part_way_fails_at_once_naming_the_rows_already_writte
 
 
 async def test_over_budget_before_the_first_call_says_only_that(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     db.tables["users"][0].update(input_tokens=0, output_tokens=2_100_000)
     with pytest.raises(OverBudget) as caught:
@@ -600,7 +554,7 @@ async def test_over_budget_before_the_first_call_says_only_that(
 
 
 async def test_a_lesson_id_column_that_is_not_a_uuid_fails_at_once_naming_it(
-    new_job: Callable[..., Job], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
 ) -> None:
     body = {"code": "22P02", "details": None, "hint": None,
             "message": 'invalid input syntax for type bigint: "0b6d6c1e"'}  # fmt: skip

@@ -15,14 +15,12 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 
 class AutoPipelinedScript:
-    def __init__(self, client: Redis, script: AsyncScript, max_in_flight: int) -> None:
-        self.client = client
+    def __init__(self, script: AsyncScript, max_in_flight: int) -> None:
         self.script = script
         self.max_in_flight = max_in_flight
         self._in_flight = 0
@@ -84,7 +82,7 @@ class AutoPipelinedScript:
     async def _execute(
         self, batch: list[tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]]
     ) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with self.script.registered_client.pipeline(transaction=False) as pipe:
             for keys, args, _ in batch:
                 pipe.evalsha(self.script.sha, len(keys), *keys, *args)
             return list(await pipe.execute(raise_on_error=False))

@@ -92,11 +92,11 @@ def run_service(settings: Settings, env: Mapping[str, str]) -> int:
     except (ConfigError, ValueError) as exc:
         logger.error("Cannot start: {}", exc)
         return 2
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         return runner.run(Service(settings, registry, contract).run())
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when installed (every Linux install from the lock file): the event loop and its
     sockets in C, about a third less CPU per job (bench/FINDINGS.md); asyncio's otherwise."""
     try:

@@ -140,7 +140,7 @@ class QueueWorker(Worker):  # type: ignore[misc]  # bullmq ships no type hints
         # Every completion (and failure) of every slot runs this script: batch it when busy.
         # One lane less than the pool leaves a socket for lock renewal and the rest.
         commands["moveToFinished"] = AutoPipelinedScript(
-            pooled, commands["moveToFinished"], max_in_flight=COMMAND_CONNECTIONS - 1
+            commands["moveToFinished"], max_in_flight=COMMAND_CONNECTIONS - 1
         )
         self.scripts.redisClient = pooled
         self.client = pooled
