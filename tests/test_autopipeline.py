@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from tests.support.harness import eventually, running_service, settings_for
 from worker.autopipeline import AutoPipelinedScript
-from worker.consumer import COMMAND_SOCKET_DEAD_S
+from worker.protocol import COMMAND_SOCKET_DEAD_S
 
 # Echoes its argument; fails for "bad"; records every call in a list so we see what was sent.
 SCRIPT = """
@@ -121,7 +121,7 @@ async def test_command_sockets_are_bounded_by_tcp_not_by_a_timer(
     # No per-command socket timeout (it cost 9 % CPU per job); the kernel cuts dead peers.
     async with running_service(settings_for(redis_url, queue_name)) as service:
         assert service.worker is not None
-        conn = service.worker.redisConnection.conn
+        conn = service.worker.protocol.redis
         await conn.ping()
         pooled = await eventually(lambda: _a_pooled_connection(conn))
         assert pooled.socket_timeout is None
@@ -131,7 +131,7 @@ async def test_command_sockets_are_bounded_by_tcp_not_by_a_timer(
             timeout_ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
             assert timeout_ms == COMMAND_SOCKET_DEAD_S * 1000
         # The blocking connection keeps its socket timeout, longer than any blocking wait.
-        blocking = service.worker.blockingRedisConnection.conn.connection_pool
+        blocking = service.worker.protocol.blocking.connection_pool
         assert blocking.connection_kwargs["socket_timeout"] > 10
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.harness import eventually, registry_of, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
-from worker.consumer import COMMAND_CONNECTIONS, QueueWorker
+from worker.protocol import COMMAND_CONNECTIONS, QueueProtocol
 from worker.context import JobContext
 from worker.registry import ProcessorSpec
 
@@ -38,14 +38,14 @@ async def test_a_completion_fetches_the_next_job(
     # bullmq-python fetched each job with its own moveToActive after the completion; Node
     # fetches it with the completion. With a backlog, moveToActive is only each slot's first.
     activations: list[bool] = []
-    original = QueueWorker.moveToActive
+    original = QueueProtocol.move_to_active
 
-    async def counted(self: QueueWorker, token: str) -> Any:
-        job = await original(self, token)
-        activations.append(job is not None)
-        return job
+    async def counted(self: QueueProtocol, token: str) -> Any:
+        answer = await original(self, token)
+        activations.append(answer.job is not None)
+        return answer
 
-    monkeypatch.setattr(QueueWorker, "moveToActive", counted)
+    monkeypatch.setattr(QueueProtocol, "move_to_active", counted)
     added = await node6.add_bulk(queue_name, jobs(30))
     runs: list[str] = []
     # No limiter: each window's first fetch would be a moveToActive again (tested below).
@@ -121,9 +121,9 @@ async def test_one_named_connection_per_worker(
     settings = settings_for(redis_url, queue_name, WORKER_CONCURRENCY=8)
     async with running_service(settings) as service:
         assert service.worker is not None
-        name = service.worker.clientName
+        name = service.worker.protocol.client_name
         await eventually(lambda: _clients_named(rclient, name))  # the run loop has started
-        conn = service.worker.redisConnection.conn
+        conn = service.worker.protocol.redis
         await asyncio.gather(*(conn.blpop(f"{queue_name}:nothing", 0.2) for _ in range(8)))
         pool = conn.connection_pool
         assert pool.max_connections == COMMAND_CONNECTIONS

@@ -84,7 +84,7 @@ async def test_ready_is_503_when_jobs_wait_and_none_is_taken(
         port = service.health.port
         assert (await get(port, "/ready"))[0] == 200
         # Wedge the consumer the way a lost-lock bug would: it stops fetching, stays alive.
-        await service.worker.pause(do_not_wait_active=True)
+        service.worker.pause()
         await node6.add(queue_name, "ping", {})
         _, body = await eventually(lambda: _status_if(port, "/ready", 503), timeout=10)
         assert "stuck" in body["reason"]
@@ -123,9 +123,9 @@ async def test_ready_stays_200_while_the_queue_waits_out_a_rate_limit(
 ) -> None:
     settings = settings_for(redis_url, queue_name, WORKER_READY_STALL_S=1)
     async with running_service(settings) as service:
-        await service.worker.rate_limit_queue(8000)  # what a 429 from OpenAI does
+        await service.worker.protocol.rate_limit(8000)  # what a 429 from OpenAI does
         await node6.add(queue_name, "ping", {})
         await asyncio.sleep(1.5)
         status, body = await get(service.health.port, "/ready")
         assert status == 200 and "rate-limited" in body["reason"], body
-        await service.worker.redisConnection.conn.delete(service.worker.keys["limiter"])
+        await service.worker.protocol.redis.delete(service.worker.protocol.keys["limiter"])

@@ -119,9 +119,11 @@ async def test_no_job_is_activated_once_shutdown_began(
     service = Service(settings_for(redis_url, queue_name), registry_of(), _contract())
     await service.start()
     try:
-        await service.worker.stop_fetching()
+        stopping = asyncio.ensure_future(service.worker.stop(5))
+        await asyncio.sleep(0)  # shutdown has begun
         added = await node6.add(queue_name, "ping", {})
-        assert await service.worker.getNextJob(f"{service.worker.id}:late") is None
+        assert await service.worker.next_job(f"{service.worker.id}:late") is None
+        await stopping
         job = await node6.get_job(queue_name, added["id"])
         assert job["state"] == "waiting" and job["attemptsMade"] == 0
     finally:

@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from bullmq import Queue
 from loguru import logger
 
 from worker.contract import Contract
 from worker.errors import ConfigError, JobError
 from worker.idempotency import idempotency_key
 from worker.logs import secrets_from_env, setup_logging
+from worker.protocol import QueueClient
 from worker.results import node_json
 from worker.settings import Settings
 
@@ -191,43 +191,31 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
     opts: dict[str, Any] = {**DEFAULT_JOB_OPTS, "jobId": job_id_for(args.name)}
     if args.priority is not None:
         opts["priority"] = args.priority
-    queue = Queue(
-        settings.queue,
-        {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix},
-    )
+    queue = QueueClient(settings)
     try:
         if args.name in IDEMPOTENT_JOB_TYPES and isinstance(data, dict):
             key = idempotency_key(args.name, data)
-            cached = await queue.client.get(key)
+            cached = await queue.redis.get(key)
             if cached:
                 print(json.dumps({"cached": True, **json.loads(cached)}, ensure_ascii=False))
                 return 0
             opts["idempotencyKey"] = key
-        job = await queue.add(args.name, data, opts)
-        print(json.dumps({"jobId": job.id, "name": args.name}))
+        job_id = await queue.add(args.name, data, opts)
+        print(json.dumps({"jobId": job_id, "name": args.name}))
         if not args.wait:
             return 0
-        return await _wait_for(queue, job.id, args.timeout)
+        return await _wait_for(queue, job_id, args.timeout)
     finally:
         await queue.close()
 
 
-async def _wait_for(queue: Queue, job_id: str, timeout_s: float) -> int:
-    from bullmq import Job
-
+async def _wait_for(queue: QueueClient, job_id: str, timeout_s: float) -> int:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        state = await queue.getJobState(job_id)
+        state = await queue.state(job_id)
         if state in ("completed", "failed", "unknown"):
-            job = await Job.fromId(queue, job_id)
-            out = {"jobId": job_id, "status": state}
-            if job is not None:
-                out.update(
-                    progress=job.progress,
-                    attemptsMade=job.attemptsMade,
-                    result=job.returnvalue,
-                    error=job.failedReason or None,
-                )
+            out: dict[str, Any] = {"jobId": job_id, "status": state}
+            out.update(await queue.job_fields(job_id) or {})
             print(node_json(out))
             return 0 if state == "completed" else 1
         await asyncio.sleep(0.2)
@@ -236,12 +224,9 @@ async def _wait_for(queue: Queue, job_id: str, timeout_s: float) -> int:
 
 
 async def stats(settings: Settings) -> int:
-    queue = Queue(
-        settings.queue,
-        {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix},
-    )
+    queue = QueueClient(settings)
     try:
-        counts = await queue.getJobCounts(*STATS_STATES)
+        counts = await queue.counts(*STATS_STATES)
         counts["total"] = sum(
             counts[k] for k in ("waiting", "active", "completed", "failed", "delayed")
         )

@@ -8,6 +8,7 @@
         │   ├── InvalidPayload   payload breaks its contract schema; names the field path
         │   └── ContractViolation  a processor returned a result that breaks the contract (a bug)
         ├── RetryableJobError    transient: retried per the job's own attempts/backoff
+        │   └── JobTimeout       the processor ran past its timeout and was cancelled
         └── RateLimited          upstream said "slow down": the whole queue pauses for
                                  `retry_after_s` and the job goes back to waiting without
                                  using one of its attempts
@@ -70,6 +71,14 @@ class ContractViolation(PermanentJobError):
 
 class RetryableJobError(JobError):
     """A transient failure; BullMQ retries with the job's backoff."""
+
+
+class JobTimeout(RetryableJobError):
+    """The attempt ran past WORKER_JOB_TIMEOUT_S (or its job type's shorter default)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"Job timed out after {timeout_s:g} s")
+        self.timeout_s = timeout_s
 
 
 class RateLimited(JobError):

@@ -29,6 +29,8 @@ class ProcessorSpec:
     notes: tuple[str, ...] = ()
     # Called once at shutdown to close clients the processor owns.
     aclose: Callable[[], Awaitable[None]] | None = None
+    # A shorter per-attempt timeout than WORKER_JOB_TIMEOUT_S for this job type (None: that).
+    timeout_s: float | None = None
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:

@@ -7,16 +7,17 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+import uuid
 from typing import Any
 
 from loguru import logger
 
 from worker import __version__
-from worker.consumer import QueueWorker, RedisUnavailable
 from worker.contract import Contract
-from worker.dispatch import Dispatcher
+from worker.dispatch import Dispatcher, state_key_for
 from worker.health import HealthServer, QueueProbe
+from worker.loop import JobLoop, RedisUnavailable
+from worker.protocol import QueueProtocol
 from worker.registry import Registry
 from worker.settings import Settings
 from worker.stats import Stats
@@ -33,7 +34,7 @@ class Service:
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.worker: QueueWorker | None = None
+        self.worker: JobLoop | None = None
         self.health: HealthServer | None = None
         self._stopped = False
         self.exit_code = 0  # non-zero when the service stops because something broke
@@ -85,10 +86,18 @@ class Service:
     async def start(self) -> None:
         """Health server up, banner out, worker consuming."""
         s = self.settings
-        dispatcher = Dispatcher(self.registry, self.contract, self.stats, {})
-        worker = QueueWorker(s, dispatcher)
-        dispatcher.identity = self.identity(worker.id)
-        dispatcher.attach(worker)
+        worker_id = uuid.uuid4().hex
+        protocol = QueueProtocol(s, s.worker_name)
+        dispatcher = Dispatcher(
+            self.registry,
+            self.contract,
+            self.identity(worker_id),
+            protocol.redis,
+            state_key_for(s.prefix, s.queue),
+            protocol.update_progress,
+            s.job_timeout_s,
+        )
+        worker = JobLoop(s, protocol, dispatcher, self.stats, worker_id, s.instance_id)
         self.worker = worker
         health = HealthServer(
             self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s
@@ -116,7 +125,7 @@ class Service:
         await worker.start(s.startup_timeout_s)
         logger.info("Worker initialization complete, waiting for jobs...")
         self._own(self._watch_loop_lag(), "loop-lag")
-        self._own(self._watch_run_task(worker), "run-watch")
+        self._own(self._watch_slots(worker), "slot-watch")
 
     async def stop(self) -> None:
         """Graceful shutdown within the grace period, then the statistics block. Idempotent."""
@@ -136,47 +145,28 @@ class Service:
             await self.registry.aclose()
             self._print_statistics()
 
-    async def _shutdown(self, worker: QueueWorker, health: HealthServer) -> None:
+    async def _shutdown(self, worker: JobLoop, health: HealthServer) -> None:
         grace = self.settings.shutdown_grace_s
         health.draining = True
-        await worker.stop_fetching()
-        in_flight = len(worker.in_flight())
         logger.info(
-            "Stopped taking jobs; waiting up to {:.0f} s for {} in-flight job(s)", grace, in_flight
+            "Stopped taking jobs; waiting up to {:.0f} s for {} in-flight job(s)",
+            grace,
+            len(worker.in_flight()),
         )
-        drain = asyncio.create_task(worker.drain(grace))
-        hard = asyncio.create_task(self._hard_stop.wait())
-        await asyncio.wait({drain, hard}, return_when=asyncio.FIRST_COMPLETED)
-        hard.cancel()
-        drained = drain.done() and drain.result()
-        drain.cancel()
-        # Also when drained: a job activated just as fetching stopped was never started.
-        moved = await worker.requeue_in_flight()
+        moved = await worker.stop(grace, self._hard_stop)
         if moved:
             logger.warning(
                 "{}: {} job(s) back in the queue, no attempt used: {}",
-                "Drained" if drained else "Shutdown deadline",
+                "Shutdown deadline" if worker.deadline_hit else "Drained",
                 len(moved),
                 ", ".join(moved),
             )
-        await worker.shutdown()
         logger.info("Worker closed")
 
     async def _probe(self) -> QueueProbe:
         assert self.worker is not None
-        conn = self.worker.redisConnection.conn
-        keys = self.worker.keys
-        async with conn.pipeline(transaction=False) as pipe:
-            pipe.llen(keys["wait"])
-            pipe.zcard(keys["prioritized"])
-            pipe.hexists(keys["meta"], "paused")
-            pipe.pttl(keys["limiter"])
-            wait, prioritized, paused, limiter_ttl = await pipe.execute()
-        return QueueProbe(
-            waiting=int(wait) + int(prioritized),
-            paused=bool(paused),
-            rate_limited_ms=max(int(limiter_ttl), 0),
-        )
+        waiting, paused, limited_ms = await self.worker.protocol.probe()
+        return QueueProbe(waiting=waiting, paused=paused, rate_limited_ms=limited_ms)
 
     def _own(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -190,14 +180,15 @@ class Service:
                 "Background task {} failed", task.get_name()
             )
 
-    async def _watch_run_task(self, worker: QueueWorker) -> None:
-        """The bullmq run loop must not end by itself; if it does, stop so the platform restarts."""
-        assert worker.run_task is not None
-        await asyncio.wait({worker.run_task})
-        if not self._stop.is_set():
-            logger.error("The BullMQ run loop ended unexpectedly; stopping so the service restarts")
-            self.exit_code = 1  # non-zero, so a restart-on-failure policy brings us back
-            self.request_stop("run-loop-exit")
+    async def _watch_slots(self, worker: JobLoop) -> None:
+        """The slots must not end by themselves; if they do, stop so the platform restarts us."""
+        while worker.running or self._stop.is_set():
+            if self._stop.is_set():
+                return
+            await asyncio.sleep(1.0)
+        logger.error("The job slots ended unexpectedly; stopping so the service restarts")
+        self.exit_code = 1  # non-zero, so a restart-on-failure policy brings us back
+        self.request_stop("slots-exit")
 
     async def _watch_loop_lag(self) -> None:
         """Warn when something blocks the event loop: lock renewal stops while it does."""
@@ -224,7 +215,3 @@ class Service:
         logger.info("Peak concurrency: {}", st.peak_concurrency)
         logger.info("Jobs/minute: {:.2f}", st.jobs_per_minute)
         logger.info("=" * 60)
-
-
-def process_env() -> Mapping[str, str]:
-    return dict(os.environ)

@@ -72,6 +72,10 @@ class Settings:
     environment: str = "development"
     job_types: tuple[str, ...] | None = None  # None: every registered processor
     worker_name: str | None = None
+    job_timeout_s: float = 600.0
+    # Stable across restarts of the same replica: lets a restarted worker take back at once the
+    # jobs its crashed predecessor held. RAILWAY_REPLICA_ID, else WORKER_NAME; None: off.
+    instance_id: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -105,6 +109,10 @@ class Settings:
             environment=reader.text("NODE_ENV", "development") or "development",
             job_types=tuple(t.strip() for t in job_types.split(",") if t.strip()) or None,
             worker_name=reader.text("WORKER_NAME", "") or None,
+            job_timeout_s=reader.number("WORKER_JOB_TIMEOUT_S", 600.0, low=0.001),
+            instance_id=reader.text("RAILWAY_REPLICA_ID", "")
+            or reader.text("WORKER_NAME", "")
+            or None,
         )
 
     @property

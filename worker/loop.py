@@ -1,0 +1,556 @@
+"""The run loop: one task per concurrency slot, each fetching, running and finishing its job in
+a straight line (moveToActive -> processor -> moveToFinished, which also fetches the next job).
+
+One object owns every task it starts: the slots, lock renewal, the stalled-job check and, when
+the worker has a stable identity, the heartbeat that lets its successor take back its jobs
+after a crash. `stop(grace_s)` is the whole shutdown and keeps a hard deadline of grace + 5 s,
+Redis or no Redis. `run_until_idle()` runs the queue empty and returns (tests, one-off runs).
+
+Job outcomes, each recorded once (`_finish_*`): completed; failed for good (not retryable, or
+its last attempt); retried (an attempt used, BullMQ's backoff applied); requeued (a 429 from
+upstream or a shutdown: back to waiting, no attempt used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from loguru import logger
+from redis.exceptions import RedisError
+
+from worker.dispatch import Dispatcher
+from worker.errors import PermanentJobError, RateLimited
+from worker.keys import worker_alive_key, worker_runs_key
+from worker.protocol import (
+    ActiveJob,
+    NextJob,
+    QueueProtocol,
+    UndecodableJob,
+    backoff_delay_ms,
+    now_ms,
+    stack_of,
+)
+from worker.results import node_json
+from worker.settings import Settings
+from worker.stats import Stats
+
+# Block no longer than this on the marker; well under the blocking socket's timeout.
+DRAIN_DELAY_S = 5.0
+# After the grace period, what is left of shutdown (hand jobs back, close) gets this long.
+STOP_HARD_S = 5.0
+# Pause after a Redis error in the fetch path, so an outage is not a busy loop.
+FETCH_RETRY_S = 1.0
+# Bounds for an upstream Retry-After: never hammer, never park the queue for ages.
+MIN_RATE_LIMIT_S = 1.0
+MAX_RATE_LIMIT_S = 300.0
+# A worker with a stable identity says it is alive this often, for this long; its successor
+# takes back the jobs of a previous run whose heartbeat is gone.
+HEARTBEAT_S = 1.0
+HEARTBEAT_TTL_MS = 3000
+RUNS_TTL_S = 7 * 86_400
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis did not answer at start-up."""
+
+
+class JobLoop:
+    """Consumes one queue with `settings.concurrency` slots."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        protocol: QueueProtocol,
+        dispatcher: Dispatcher,
+        stats: Stats,
+        worker_id: str,
+        identity: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.protocol = protocol
+        self.dispatcher = dispatcher
+        self.stats = stats
+        self.id = worker_id  # lock tokens are `<id>:<n>`
+        self.identity = identity  # stable across restarts (RAILWAY_REPLICA_ID / WORKER_NAME)
+        self._slots: set[asyncio.Task[None]] = set()
+        self._chores: set[asyncio.Task[None]] = set()  # renewal, stalled check, heartbeat
+        self._active: dict[str, ActiveJob] = {}  # token -> job held by a slot
+        self._requeued: list[str] = []  # ids handed back during shutdown
+        self._stopping = False
+        self._stopped = asyncio.Event()  # set once stop() is under way: wakes every sleeper
+        self._resume = asyncio.Event()
+        self._resume.set()
+        self._burst = False
+        self._drained = False
+        self._limit_until = 0.0  # monotonic time the rate limiter lets us fetch again
+        self._block_until_ms = 0  # timestamp of the next delayed job, from the scripts
+        self._marker_lock = asyncio.Lock()  # one blocking wait per worker, as in Node
+        self._marker_wait: asyncio.Future[int | None] | None = None
+        self._tokens = 0
+        self._poisoned: list[UndecodableJob] = []  # activated, undecodable: to fail at once
+        self._stop_task: asyncio.Task[list[str]] | None = None
+        self.deadline_hit = False  # stop() had to interrupt running jobs
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self, connect_timeout_s: float) -> None:
+        """Connect, recover stalled jobs (as Node does at start-up), then run the slots.
+
+        redis-py would retry an unreachable Redis for minutes while /health says "healthy";
+        failing after `connect_timeout_s` lets the platform restart us and say why.
+        """
+        try:
+            await asyncio.wait_for(self._connect(), timeout=connect_timeout_s)
+        except (TimeoutError, OSError, RedisError) as exc:
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise RedisUnavailable(
+                f"Redis not usable at start-up (gave up within {connect_timeout_s:g} s): {detail}"
+            ) from exc
+        self._own(self._every(self.settings.lock_duration_ms / 2000, self._renew_locks))
+        self._own(self._every(self.settings.stalled_interval_ms / 1000, self._check_stalled))
+        if self.identity:
+            self._own(self._heartbeat_and_reclaim())
+        for _ in range(self.settings.concurrency):
+            self._spawn_slot()
+
+    async def _connect(self) -> None:
+        await self.protocol.connect()
+        await self._check_stalled()
+
+    async def run_until_idle(self, connect_timeout_s: float = 10.0) -> None:
+        """Burst mode (arq's `burst`, saq's `process`): run until no job is waiting, then stop."""
+        self._burst = True
+        await self.start(connect_timeout_s)
+        await asyncio.gather(*self._slots)
+        await self.stop(0)
+
+    @property
+    def running(self) -> bool:
+        """Slots are alive (false once they all ended, e.g. after a bug killed them)."""
+        return any(not task.done() for task in self._slots)
+
+    def pause(self) -> None:
+        """Stop fetching (running jobs go on, their locks renewed) until `resume()`."""
+        self._resume.clear()
+        self._cancel_marker_wait()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def in_flight(self) -> list[str]:
+        return [job.id for job in self._active.values()]
+
+    async def stop(self, grace_s: float, hard: asyncio.Event | None = None) -> list[str]:
+        """Stop taking jobs, let running ones finish for up to `grace_s` (or until `hard` is
+        set), hand the rest back without using an attempt, close. Never takes longer than
+        grace_s + STOP_HARD_S: what Redis cannot take back by then is left to the stalled-job
+        check. Returns the ids handed back. Idempotent."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop(grace_s, hard))
+        return await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace_s: float, hard: asyncio.Event | None) -> list[str]:
+        deadline = time.monotonic() + grace_s + STOP_HARD_S
+        self._stopping = True
+        self._stopped.set()
+        self._resume.set()
+        self._cancel_marker_wait()
+        slots = {task for task in self._slots if not task.done()}
+        if slots and grace_s > 0:
+            waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.wait(slots))}
+            if hard is not None:
+                waiters.add(asyncio.ensure_future(hard.wait()))
+            await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        self.deadline_hit = bool(self._active)
+        for task in self._slots:
+            task.cancel()  # a slot in its processor hands its job back; one in Redis I/O ends
+        if self._slots:
+            _, stuck = await asyncio.wait(self._slots, timeout=max(deadline - time.monotonic(), 0))
+            for task in stuck:
+                logger.warning("A job slot did not stop in time ({}); leaving it", task.get_name())
+        left = [job.id for job in self._active.values()]
+        if left:
+            logger.warning(
+                "Job(s) {} stay active until the stalled-job check moves them back"
+                " (within lock duration + stalled interval)",
+                ", ".join(left),
+            )
+        for task in self._chores:
+            task.cancel()
+        await asyncio.gather(*self._chores, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._close(), timeout=max(deadline - time.monotonic(), 0.1))
+        except (TimeoutError, OSError, RedisError):
+            logger.warning("Redis did not answer while closing; leaving its connections behind")
+        return list(self._requeued)
+
+    async def _close(self) -> None:
+        if self.identity:  # a clean exit: nothing of ours is left to take back
+            p = self.protocol
+            await p.redis.delete(worker_alive_key(p.prefix, p.queue, self.id))
+            await p.redis.srem(worker_runs_key(p.prefix, p.queue, self.identity), self.id)
+        await self.protocol.close()
+
+    # -- the slot ------------------------------------------------------------------------------
+
+    def _spawn_slot(self) -> None:
+        task = asyncio.create_task(self._slot(), name=f"slot-{len(self._slots) + 1}")
+        self._slots.add(task)
+
+    async def _slot(self) -> None:
+        job: ActiveJob | None = None
+        while True:
+            if job is None:
+                if self._stopping:
+                    return
+                try:
+                    job = await self.next_job(self._new_token())
+                except (RedisError, OSError) as exc:
+                    logger.error("Worker error while fetching jobs: {}", _reason(exc))
+                    await self._sleep(FETCH_RETRY_S)
+                    continue
+                if job is None:
+                    if self._stopping or self._burst:
+                        return
+                    continue
+            try:
+                job = await self._work(job)
+            except (RedisError, OSError, ValueError) as exc:
+                # The outcome could not be recorded: the job stays active until the stalled
+                # check returns it (the attempt is counted as a retry).
+                logger.error("Worker error while finishing a job: {}", _reason(exc))
+                job = None
+
+    def _new_token(self) -> str:
+        self._tokens += 1
+        return f"{self.id}:{self._tokens}"
+
+    async def next_job(self, token: str) -> ActiveJob | None:
+        """The next job to run, or None once stopping (or, in burst mode, when none waits)."""
+        while not self._stopping:
+            if not self._resume.is_set():
+                await self._resume.wait()
+                continue
+            wait_s = self._limit_until - time.monotonic()
+            if wait_s > 0:  # the limiter said how long: wait exactly that (bullmq PR #3321)
+                await self._sleep(wait_s)
+                continue
+            if self._drained:
+                if self._burst:
+                    return None
+                async with self._marker_lock:
+                    if self._drained and not self._stopping and self._resume.is_set():
+                        await self._wait_for_marker()
+                continue
+            job = self._take(await self.protocol.move_to_active(token))
+            await self._fail_poisoned()
+            if job is not None:
+                return await self._unless_stopping(job)
+        return None
+
+    async def _wait_for_marker(self) -> None:
+        """Block until a job may be ready (the marker BZPOPMIN), as Node's worker does."""
+        timeout_s = DRAIN_DELAY_S
+        if self._block_until_ms:
+            due_in_s = (self._block_until_ms - now_ms()) / 1000
+            if due_in_s <= 0:
+                self._drained = False  # a delayed job is due: moveToActive promotes it
+                return
+            timeout_s = min(due_in_s, DRAIN_DELAY_S)
+        self._marker_wait = asyncio.ensure_future(self.protocol.wait_for_job(timeout_s))
+        try:
+            score = await self._marker_wait
+        except asyncio.CancelledError:
+            if self._stopping or not self._resume.is_set():
+                return  # stop() or pause() cut the wait short
+            raise
+        finally:
+            self._marker_wait = None
+        if score and score > now_ms():
+            self._block_until_ms = score  # only a delayed job, later: wait again until then
+        else:
+            self._drained = False  # a job waits (or the wait timed out): ask moveToActive
+
+    def _cancel_marker_wait(self) -> None:
+        if self._marker_wait is not None and not self._marker_wait.done():
+            self._marker_wait.cancel()
+
+    def _take(self, answer: NextJob) -> ActiveJob | None:
+        """Note what moveToActive (or a completion fetching the next job) said."""
+        self._limit_until = (
+            time.monotonic() + answer.limit_until_ms / 1000 if answer.limit_until_ms else 0.0
+        )
+        if answer.job is None:
+            self._drained = True
+            self._block_until_ms = 0
+        else:
+            self._drained = False
+        if answer.delay_until_ms:
+            self._block_until_ms = answer.delay_until_ms
+        if isinstance(answer.job, UndecodableJob):
+            self._poisoned.append(answer.job)
+            return None
+        return answer.job
+
+    async def _unless_stopping(self, job: ActiveJob) -> ActiveJob | None:
+        """A job activated as shutdown began is handed back unstarted, never run."""
+        if not self._stopping:
+            return job
+        await self._hand_back(job)
+        return None
+
+    # -- one job -------------------------------------------------------------------------------
+
+    async def _work(self, job: ActiveJob) -> ActiveJob | None:
+        """Run one job and record its outcome; returns the next job its completion fetched."""
+        token = job.token
+        self._active[token] = job
+        started = time.monotonic()
+        self.stats.job_started()
+        outcome = "retry"  # if the outcome cannot be recorded, the stalled check retries it
+        recorded = False
+        try:
+            with logger.contextualize(job_id=job.id, job_name=job.name, attempt=job.attempt):
+                self._log_pickup(job)
+                try:
+                    if job.deferred_failure:
+                        raise PermanentJobError(job.deferred_failure)
+                    result = await self.dispatcher.run(job)
+                except asyncio.CancelledError:
+                    if not self._stopping:
+                        raise
+                    _uncancel()
+                    outcome = "requeued"
+                    logger.warning("Job interrupted by shutdown; it goes back to the queue")
+                    await self._hand_back(job)
+                    return None
+                except RateLimited as exc:
+                    outcome = "requeued"
+                    await self._requeue_rate_limited(job, exc)
+                    return None
+                except Exception as exc:
+                    outcome, answer = await self._fail(job, exc)
+                else:
+                    answer = await self.protocol.complete(job, result, self._fetch_next)
+                    del self._active[token]
+                    recorded = True
+                    self.stats.job_ended("completed", time.monotonic() - started)
+                    self._log_completed(job, result, time.monotonic() - started)
+            return await self._unless_stopping_next(answer)
+        finally:
+            if not recorded:
+                del self._active[token]
+                self.stats.job_ended(outcome, time.monotonic() - started)
+
+    @property
+    def _fetch_next(self) -> bool:
+        return not self._stopping and self._resume.is_set()
+
+    async def _unless_stopping_next(self, answer: NextJob) -> ActiveJob | None:
+        job = self._take(answer)
+        await self._fail_poisoned()
+        return None if job is None else await self._unless_stopping(job)
+
+    async def _fail(self, job: ActiveJob, exc: Exception) -> tuple[str, NextJob]:
+        """Retry per the job's attempts and backoff, or fail it for good."""
+        reason = str(exc)
+        permanent = isinstance(exc, PermanentJobError)
+        if permanent:
+            logger.error("Job failed, not retried: {}", exc)
+        else:
+            logger.opt(exception=exc).error(
+                "Job attempt {}/{} failed: {}", job.attempt, job.max_attempts, _reason(exc)
+            )
+        delay_ms = 0
+        final = permanent or job.attempt >= job.max_attempts
+        if not final:
+            try:
+                delay_ms = backoff_delay_ms(job.opts, job.attempt)
+            except ValueError as bad:
+                final = True
+                logger.error("Job {} cannot be retried: {}", job.id, bad)
+        elif not permanent:
+            logger.error("Max retries reached for job {}", job.id)
+        stack = stack_of(job, exc)
+        if final:
+            answer = await self.protocol.fail(job, reason, stack, self._fetch_next)
+            logger.error("Job failed for good: {} ({})", job.id, _reason(exc))
+            return "failed", answer
+        await self.protocol.retry(job, reason, stack, delay_ms)
+        logger.warning("Job {} will be retried: {}", job.id, _reason(exc))
+        return "retry", NextJob(None)
+
+    async def _requeue_rate_limited(self, job: ActiveJob, exc: RateLimited) -> None:
+        wait_s = min(max(exc.retry_after_s, MIN_RATE_LIMIT_S), MAX_RATE_LIMIT_S)
+        await self.protocol.rate_limit(int(wait_s * 1000))
+        code = await self.protocol.move_to_wait(job.id, job.token)
+        logger.warning(
+            "Rate limited upstream: queue paused {:.1f} s, job {} back to waiting (code {})",
+            wait_s,
+            job.id,
+            code,
+        )
+
+    async def _hand_back(self, job: ActiveJob) -> None:
+        """Back to waiting, first in line, no attempt used (moveJobFromActiveToWait)."""
+        try:
+            code = await self.protocol.move_to_wait(job.id, job.token)
+        except (RedisError, OSError) as exc:
+            logger.warning("Could not return job {} to the queue: {}", job.id, exc)
+            code = -1
+        if code < 0:
+            logger.warning(
+                "Job {} stays active until the stalled-job check moves it back"
+                " (within lock duration + stalled interval)",
+                job.id,
+            )
+        else:
+            self._requeued.append(job.id)
+
+    async def _fail_poisoned(self) -> None:
+        """Jobs whose hash cannot be decoded fail at once, for good: retrying cannot help."""
+        while self._poisoned:
+            job = self._poisoned.pop()
+            self.stats.job_started()
+            with logger.contextualize(job_id=job.id):
+                logger.error("Job failed, not retried: {}", job.reason)
+                try:
+                    await self.protocol.fail(job, job.reason, "[]", fetch_next=False)
+                    logger.error("Job failed for good: {} ({})", job.id, job.reason)
+                    self.stats.job_ended("failed", 0.0)
+                except (RedisError, OSError, ValueError) as exc:
+                    logger.error("Could not fail job {}: {}", job.id, _reason(exc))
+                    self.stats.job_ended("retry", 0.0)
+
+    # -- logs ----------------------------------------------------------------------------------
+
+    def _log_pickup(self, job: ActiveJob) -> None:
+        logger.info("Job picked up: {} ({})", job.id, job.name)
+        logger.info("Currently processing: {} jobs", self.stats.currently_processing)
+        logger.opt(lazy=True).info(  # lazy: no timestamp formatted below INFO
+            "Processing job | Job ID: {} | Job Type: {} | Attempt: {}/{} | Started: {}",
+            lambda: job.id,
+            lambda: job.name,
+            lambda: job.attempt,
+            lambda: job.max_attempts,
+            _iso_now,
+        )
+
+    def _log_completed(self, job: ActiveJob, result: Any, duration_s: float) -> None:
+        # lazy: the result is encoded again only to log its size, so only when INFO is on
+        logger.opt(lazy=True).info(
+            "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
+            lambda: job.id,
+            lambda: duration_s,
+            lambda: len(node_json(result).encode()),
+            lambda: self.stats.processed,
+            lambda: self.stats.success_rate,
+        )
+
+    # -- chores --------------------------------------------------------------------------------
+
+    def _own(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chore_done)
+
+    def _chore_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error("Background task failed")
+
+    async def _every(self, interval_s: float, chore: Any) -> None:
+        while not self._stopping:
+            await self._sleep(interval_s)
+            if self._stopping:
+                return
+            try:
+                await chore()
+            except (RedisError, OSError) as exc:
+                logger.warning("{} failed: {}", chore.__name__.strip("_"), _reason(exc))
+
+    async def _renew_locks(self) -> None:
+        jobs = [(job.id, job.token) for job in self._active.values()]
+        if not jobs:
+            return
+        for job_id in await self.protocol.extend_locks(jobs):
+            if any(job.id == job_id for job in self._active.values()):
+                logger.warning("Lock of job {} was lost; another worker may run it", job_id)
+
+    async def _check_stalled(self) -> None:
+        s = self.settings
+        for job_id in await self.protocol.move_stalled_to_wait(
+            s.max_stalled_count, s.stalled_interval_ms
+        ):
+            logger.warning("Job stalled and was moved back: {}", job_id)
+
+    async def _heartbeat_and_reclaim(self) -> None:
+        """Say this run is alive; take back what a crashed previous run of this identity held.
+
+        The identity is stable across restarts (one process per RAILWAY_REPLICA_ID), so a
+        previous run whose heartbeat has expired is dead, and its locks (tokens `<its id>:n`)
+        guard jobs nobody runs. They go back to waiting at once instead of after lock duration
+        + stalled interval. A run whose heartbeat still beats is alive: its jobs are left alone.
+        """
+        assert self.identity is not None
+        redis = self.protocol.redis
+        prefix, queue = self.protocol.prefix, self.protocol.queue
+        runs_key = worker_runs_key(prefix, queue, self.identity)
+        alive_key = worker_alive_key(prefix, queue, self.id)
+        await redis.set(alive_key, self.identity, px=HEARTBEAT_TTL_MS)
+        await redis.sadd(runs_key, self.id)
+        await redis.expire(runs_key, RUNS_TTL_S)
+        waited_until = time.monotonic() + HEARTBEAT_TTL_MS / 1000 + HEARTBEAT_S
+        runs: set[str] = await redis.smembers(runs_key)  # type: ignore[assignment]  # decode_responses: str
+        pending = {run for run in runs if run != self.id}
+        while not self._stopping:
+            for run in list(pending):
+                if await redis.exists(worker_alive_key(prefix, queue, run)):
+                    continue  # alive, or not yet expired after a crash: look again
+                pending.discard(run)
+                await self._reclaim(run)
+                await redis.srem(runs_key, run)
+            if pending and time.monotonic() > waited_until:
+                pending.clear()  # still beating: a live process shares this identity
+            await self._sleep(HEARTBEAT_S if not pending else 0.25)
+            await redis.set(alive_key, self.identity, px=HEARTBEAT_TTL_MS)
+
+    async def _reclaim(self, run: str) -> None:
+        taken = []
+        for job_id, token in (await self.protocol.locks_of_active()).items():
+            if token.startswith(f"{run}:") and await self.protocol.move_to_wait(job_id, token) >= 0:
+                taken.append(job_id)
+        if taken:
+            logger.warning(
+                "Took back {} job(s) held by a crashed previous run of this worker ({}): {}",
+                len(taken),
+                self.identity,
+                ", ".join(taken),
+            )
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when stop() begins."""
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,580 @@
+"""The BullMQ protocol, and the only module that imports `bullmq`: its Lua scripts (by file
+name), its key layout, the job hash and lock tokens. The run loop (worker/loop.py) speaks to
+Redis through `QueueProtocol` only; `tests/test_protocol.py` pins every script name, key count
+and argument position used here against the pinned bullmq, so an upgrade fails there by name.
+
+Why not `bullmq.Worker`: the project had re-implemented most of its loop around it (fetch-next,
+the limiter wait, a command pool, requeue, drain) through overrides and patches of its
+internals (shared/research/review.md §2). Here the scripts are called directly, with the
+arguments Node's worker passes, so what Redis sees is what a Node worker would write.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from bullmq import Queue
+from bullmq.job import optsDecodeMap
+from bullmq.queue_keys import QueueKeys
+from bullmq.redis_connection import loadScript
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker import jsondecode
+from worker.autopipeline import AutoPipelinedScript
+from worker.keys import bull_key
+from worker.results import node_json
+from worker.settings import Settings
+
+BULLMQ_VERSION = "3.4.4"  # the pinned package whose Lua scripts these are (pyproject.toml)
+
+# Script name -> file in bullmq/commands; the number is the script's KEYS count.
+SCRIPTS = {
+    "moveToActive": "moveToActive-11.lua",
+    "moveToFinished": "moveToFinished-14.lua",
+    "moveToDelayed": "moveToDelayed-11.lua",
+    "retryJob": "retryJob-11.lua",
+    "moveJobFromActiveToWait": "moveJobFromActiveToWait-9.lua",
+    "extendLocks": "extendLocks-1.lua",
+    "moveStalledJobsToWait": "moveStalledJobsToWait-9.lua",
+    "updateProgress": "updateProgress-3.lua",
+}
+
+# Sockets for the worker's non-blocking commands (the blocking wait has its own). More made
+# the c=50 sleep benchmark slower: 50 slots ending together then hit Redis as one burst.
+COMMAND_CONNECTIONS = 4
+# Sent data unacknowledged this long: the command connection is dead (TCP_USER_TIMEOUT).
+COMMAND_SOCKET_DEAD_S = 30
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def command_socket_options() -> dict[str, Any]:
+    """Socket settings of the command pool: a dead connection is cut by the kernel, not by a
+    timer per command.
+
+    redis-py enforces `socket_timeout` with an `asyncio.wait_for` (a new Task) around every
+    send and a timeout context around every read: 9 % of the worker's CPU per job
+    (bench/FINDINGS.md). Node's ioredis sets no command timeout either. What the timer guarded
+    against, a peer that vanished without a reset, is bounded here by TCP: keepalive probes
+    after 10 s idle (5 s apart, 3 of them) and TCP_USER_TIMEOUT, which drops a connection whose
+    sent data stays unacknowledged for 30 s. A Redis that accepts data but never answers is
+    caught by /ready's own 2 s probe.
+    """
+    options: dict[int, int] = {}
+    for name, value in (
+        ("TCP_KEEPIDLE", 10),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", COMMAND_SOCKET_DEAD_S * 1000),
+    ):
+        constant = getattr(socket, name, None)  # Linux has all four; others fewer
+        if constant is not None:
+            options[constant] = value
+    return {"socket_timeout": None, "socket_keepalive": True, "socket_keepalive_options": options}
+
+
+def _redis_kwargs(settings: Settings) -> dict[str, Any]:
+    """bullmq's connection policy (retry with backoff on connection errors), and invalid UTF-8
+    kept as surrogates instead of an exception that would lose the whole reply."""
+    return {
+        **settings.redis.connection_kwargs(),
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
+        "retry": Retry(ExponentialBackoff(cap=20, base=1), 20),
+        "retry_on_error": [BusyLoadingError, RedisConnectionError, RedisTimeoutError],
+    }
+
+
+# --- the job hash -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ActiveJob:
+    """A job this worker holds the lock of, decoded from its hash (`bull:<queue>:<id>`)."""
+
+    id: str
+    name: str
+    data: Any
+    opts: dict[str, Any]
+    token: str
+    attempts_made: int = 0  # finished attempts before this one (`atm`)
+    timestamp: int = 0
+    stacktrace: list[Any] = field(default_factory=list)
+    deferred_failure: str | None = None  # `defa`: BullMQ asks the worker to fail it at once
+
+    @property
+    def max_attempts(self) -> int:
+        attempts = self.opts.get("attempts")
+        return attempts if isinstance(attempts, int) and attempts > 0 else 1
+
+    @property
+    def attempt(self) -> int:
+        """1-based number of the attempt that is starting."""
+        return self.attempts_made + 1
+
+
+@dataclass(slots=True)
+class UndecodableJob:
+    """A job activated by us whose hash cannot be read: it is failed at once, never retried."""
+
+    id: str
+    token: str
+    reason: str
+    attempts_made: int = 0
+
+
+def _text(raw: Mapping[str, str], name: str) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, kept as surrogates by the client
+        raise ValueError(f"{name} is not UTF-8") from None
+    return value
+
+
+def _json_field(raw: Mapping[str, str], name: str, default: str) -> Any:
+    text = _text(raw, name)
+    try:
+        return jsondecode.loads(default if text is None else text)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not JSON ({exc})") from None
+
+
+def _int_field(raw: Mapping[str, str], *names: str) -> int:
+    for name in names:
+        text = _text(raw, name)
+        if text is None or text == "":
+            continue
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:  # Node's parseInt also reads "12.0" and "1e3"
+            number = float(text)
+        except ValueError:
+            raise ValueError(f"{name} is not a number: {text[:40]!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"{name} is not a number: {text[:40]!r}")
+        return int(number)
+    return 0
+
+
+def decode_job(raw: Mapping[str, str], job_id: str, token: str) -> ActiveJob | UndecodableJob:
+    """The job hash as Node's `Job.fromJSON` reads the fields a worker needs."""
+    try:
+        attempts_made = _int_field(raw, "atm", "attemptsMade")
+    except ValueError:
+        attempts_made = 0
+    try:
+        data = _json_field(raw, "data", "{}")
+        opts = _json_field(raw, "opts", "{}")
+        if not isinstance(opts, dict):
+            raise ValueError(f"opts is a JSON {type(opts).__name__}, not an object")
+        stacktrace = _json_field(raw, "stacktrace", "[]")
+        return ActiveJob(
+            id=job_id,
+            name=_text(raw, "name") or "",
+            data=data,
+            opts={optsDecodeMap.get(key, key): value for key, value in opts.items()},
+            token=token,
+            attempts_made=_int_field(raw, "atm", "attemptsMade"),
+            timestamp=_int_field(raw, "timestamp"),
+            stacktrace=stacktrace if isinstance(stacktrace, list) else [],
+            deferred_failure=_text(raw, "defa") or None,
+        )
+    except (ValueError, RecursionError, MemoryError) as exc:
+        reason = exc.args[0] if isinstance(exc, ValueError) and exc.args else repr(exc)
+        return UndecodableJob(job_id, token, f"Job data could not be decoded: {reason}",
+                              attempts_made)  # fmt: skip
+
+
+@dataclass(slots=True)
+class NextJob:
+    """What moveToActive (or a completion with fetch-next) answered."""
+
+    job: ActiveJob | UndecodableJob | None
+    limit_until_ms: int = 0  # > 0: the rate limiter says wait this long
+    delay_until_ms: int = 0  # > 0: timestamp of the next delayed job
+
+
+def _next_job(reply: Any, token: str) -> NextJob:
+    """`raw2NextJobData` of bullmq: [flat job hash or nil, id, limitUntil, delayUntil]."""
+    if not reply:
+        return NextJob(None)
+    flat, job_id = reply[0], reply[1]
+    limit_until = int(reply[2] or 0) if len(reply) > 2 else 0
+    delay_until = int(reply[3] or 0) if len(reply) > 3 else 0
+    job = None
+    if flat:
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        job = decode_job(raw, str(job_id), token)
+    return NextJob(job, max(limit_until, 0), max(delay_until, 0))
+
+
+def keep_jobs(remove: Any) -> dict[str, Any]:
+    """`removeOnComplete`/`removeOnFail` as the scripts' keepJobs (bullmq getKeepJobs)."""
+    if type(remove) is int:
+        return {"count": remove}
+    if isinstance(remove, dict):
+        return remove
+    return {"count": 0} if remove else {"count": -1}
+
+
+def backoff_delay_ms(opts: Mapping[str, Any], attempts_made: int) -> int:
+    """BullMQ's built-in backoffs: `fixed` and `exponential` (2^(n-1) * delay).
+
+    Raises ValueError for a strategy only a custom Node backoffStrategy knows.
+    """
+    backoff = opts.get("backoff")
+    if backoff is None or backoff is False:
+        return 0
+    if type(backoff) is int:
+        backoff = {"type": "fixed", "delay": backoff}
+    if not isinstance(backoff, dict):
+        raise ValueError(f"unknown backoff {backoff!r}")
+    delay = backoff.get("delay") or 0
+    kind = backoff.get("type")
+    if kind == "fixed":
+        return int(delay)
+    if kind == "exponential":
+        return int(round(pow(2, attempts_made - 1) * delay))  # noqa: RUF046  (delay may be float)
+    raise ValueError(f"unknown backoff strategy {kind!r}")
+
+
+def stack_of(job: ActiveJob, exc: BaseException) -> str:
+    """The job's stacktrace list with this error appended, JSON, as Node keeps it."""
+    stack = [*job.stacktrace, "".join(traceback.format_exception(exc))]
+    limit = job.opts.get("stackTraceLimit")
+    if limit == 0:
+        stack = []
+    elif isinstance(limit, int) and limit > 0:
+        stack = stack[-limit:]
+    return json.dumps(stack, separators=(",", ":"))
+
+
+def _pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def _flat(fields: Mapping[str, Any]) -> bytes:
+    return _pack([item for pair in fields.items() for item in pair])
+
+
+def now_ms() -> int:
+    return round(time.time() * 1000)
+
+
+# --- the queue ---------------------------------------------------------------------------------
+
+
+class QueueProtocol:
+    """One queue's keys and scripts over a command pool and one blocking connection."""
+
+    def __init__(self, settings: Settings, worker_name: str | None = None) -> None:
+        self.queue = settings.queue
+        self.prefix = settings.prefix
+        self.keys: dict[str, str] = QueueKeys(settings.prefix).getKeys(settings.queue)
+        self.key_prefix = self.keys[""]  # "bull:ai-jobs:"
+        self.lock_duration_ms = settings.lock_duration_ms
+        self.limiter = settings.limiter
+        self.worker_name = worker_name
+        self.client_name = QueueKeys(settings.prefix).getQueueQualifiedName(settings.queue) + (
+            f":w:{worker_name}" if worker_name else ""
+        )
+        kwargs = _redis_kwargs(settings)
+        pool = BlockingConnectionPool(
+            max_connections=COMMAND_CONNECTIONS,
+            timeout=None,  # wait for a free socket; never fail a command for lack of one
+            **{**kwargs, **command_socket_options()},
+        )
+        self.redis: Redis = Redis.from_pool(pool)
+        # The blocking wait for jobs gets a connection of its own, with a socket timeout
+        # longer than any BZPOPMIN (settings.REDIS_SOCKET_TIMEOUT_S).
+        self.blocking: Redis = Redis(single_connection_client=True, **kwargs)
+        self.scripts: dict[str, AsyncScript] = {
+            name: self.redis.register_script(loadScript(file)) for name, file in SCRIPTS.items()
+        }
+        # Every completion and failure of every slot runs this script: batch it when busy. One
+        # lane less than the pool leaves a socket for lock renewal and the rest.
+        self.move_to_finished = AutoPipelinedScript(
+            self.scripts["moveToFinished"], max_in_flight=COMMAND_CONNECTIONS - 1
+        )
+
+    def key(self, *parts: str) -> str:
+        return bull_key(self.prefix, self.queue, *parts)
+
+    def _worker_opts(self, token: str) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "token": token,
+            "lockDuration": self.lock_duration_ms,
+            "limiter": self.limiter,
+        }
+        if self.worker_name:
+            opts["name"] = self.worker_name  # the job's `pb` (processed by), as Node sets it
+        return opts
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def connect(self) -> str:
+        """Name the blocking connection (what `queue.getWorkers()` lists), check both
+        connections answer; returns the server version."""
+        await self.blocking.client_setname(self.client_name)
+        info = await self.redis.info("server")
+        return str(info.get("redis_version", "?"))
+
+    async def close(self) -> None:
+        await self.blocking.aclose()
+        await self.redis.aclose()
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    async def wait_for_job(self, timeout_s: float) -> int | None:
+        """Block on the marker (BZPOPMIN) until a job may be ready: returns the marker's score
+        (0 = a job waits now, else the timestamp of the next delayed job), or None."""
+        reply = await self.blocking.bzpopmin(self.keys["marker"], max(timeout_s, 0.001))
+        if not reply:
+            return None
+        return int(float(reply[2]))
+
+    async def move_to_active(self, token: str) -> NextJob:
+        keys = [
+            self.keys[k]
+            for k in ("wait", "active", "prioritized", "events", "stalled", "limiter",
+                      "delayed", "paused", "meta", "pc", "marker")
+        ]  # fmt: skip
+        args = [self.key_prefix, now_ms(), _pack(self._worker_opts(token))]
+        return _next_job(await self.scripts["moveToActive"](keys=keys, args=args), token)
+
+    # -- finishing -----------------------------------------------------------------------------
+
+    def _finished_keys(self, target: str, job_id: str) -> list[str]:
+        keys = [
+            self.keys[k]
+            for k in ("wait", "active", "prioritized", "events", "stalled", "limiter",
+                      "delayed", "paused", "meta", "pc", target)
+        ]  # fmt: skip
+        keys += [self.key(job_id), self.key("metrics", target), self.keys["marker"]]
+        return keys
+
+    def finished_args(
+        self,
+        job_id: str,
+        token: str,
+        target: str,
+        value: str,
+        opts: Mapping[str, Any],
+        attempts_made: int,
+        fetch_next: bool,
+        fields: Mapping[str, Any] | None = None,
+    ) -> list[Any]:
+        """ARGV of moveToFinished-14 (bullmq `Scripts.moveToFinishedArgs`)."""
+        remove = opts.get("removeOnComplete" if target == "completed" else "removeOnFail", False)
+        attempts = opts.get("attempts", 1)
+        packed = {
+            "token": token,
+            "keepJobs": keep_jobs(remove),
+            "limiter": self.limiter,
+            "lockDuration": self.lock_duration_ms,
+            "attempts": attempts,
+            "attemptsMade": attempts_made,
+            "maxMetricsSize": "",
+            "fpof": opts.get("failParentOnFailure", False),
+            "cpof": opts.get("continueParentOnFailure", False),
+            "idof": opts.get("ignoreDependencyOnFailure", False),
+            "rdof": opts.get("removeDependencyOnFailure", False),
+        }
+        if self.worker_name:
+            packed["name"] = self.worker_name
+        prop = "returnvalue" if target == "completed" else "failedReason"
+        args: list[Any] = [job_id, now_ms(), prop, value, target, "1" if fetch_next else "",
+                           self.key_prefix, _pack(packed)]  # fmt: skip
+        if fields:
+            args.append(_flat(fields))
+        return args
+
+    async def _finish(
+        self, job_id: str, token: str, target: str, args: list[Any], fetch_next: bool
+    ) -> NextJob:
+        reply = await self.move_to_finished(keys=self._finished_keys(target, job_id), args=args)
+        if isinstance(reply, int) and reply < 0:
+            raise JobLost(job_id, "moveToFinished", reply)
+        return _next_job(reply, token) if fetch_next else NextJob(None)
+
+    async def complete(self, job: ActiveJob, result: Any, fetch_next: bool) -> NextJob:
+        """Completed, with the return value written as Node's JSON.stringify writes it."""
+        args = self.finished_args(
+            job.id, job.token, "completed", node_json(result), job.opts, job.attempts_made,
+            fetch_next,
+        )  # fmt: skip
+        return await self._finish(job.id, job.token, "completed", args, fetch_next)
+
+    async def fail(
+        self, job: ActiveJob | UndecodableJob, reason: str, stack: str, fetch_next: bool
+    ) -> NextJob:
+        """Failed for good (no attempts left, or not retryable)."""
+        opts = job.opts if isinstance(job, ActiveJob) else {}
+        fields = {"failedReason": reason, "stacktrace": stack}
+        args = self.finished_args(
+            job.id, job.token, "failed", reason, opts, job.attempts_made, fetch_next, fields
+        )
+        return await self._finish(job.id, job.token, "failed", args, fetch_next)
+
+    async def retry(self, job: ActiveJob, reason: str, stack: str, delay_ms: int) -> None:
+        """Back to wait (retryJob) or to delayed for the backoff (moveToDelayed), attempt used."""
+        name, keys, args = self.retry_call(job, {"failedReason": reason, "stacktrace": stack},
+                                           delay_ms)  # fmt: skip
+        reply = await self.scripts[name](keys=keys, args=args)
+        if isinstance(reply, int) and reply < 0:
+            raise JobLost(job.id, name, reply)
+
+    def retry_call(
+        self, job: ActiveJob, fields: Mapping[str, Any], delay_ms: int
+    ) -> tuple[str, list[str], list[Any]]:
+        """Script, KEYS and ARGV of a retry (bullmq `retryJobArgs` / `moveToDelayedArgs`)."""
+        if delay_ms > 0:
+            args = [self.key_prefix, str(now_ms()), job.id, job.token, delay_ms, "0",
+                    _flat(fields), "0"]  # fmt: skip
+            return "moveToDelayed", self.delayed_keys(job.id), args
+        push = "RPUSH" if job.opts.get("lifo") else "LPUSH"
+        args = [self.key_prefix, now_ms(), push, job.id, job.token, _flat(fields)]
+        return "retryJob", self.retry_keys(job.id), args
+
+    def delayed_keys(self, job_id: str) -> list[str]:
+        k = self.keys
+        return [k["marker"], k["active"], k["prioritized"], k["delayed"], self.key(job_id),
+                k["events"], k["meta"], k["stalled"], k["wait"], k["limiter"], k["pc"]]  # fmt: skip
+
+    def retry_keys(self, job_id: str) -> list[str]:
+        k = self.keys
+        return [k["active"], k["wait"], k["paused"], self.key(job_id), k["meta"], k["events"],
+                k["delayed"], k["prioritized"], k["pc"], k["marker"], k["stalled"]]  # fmt: skip
+
+    async def move_to_wait(self, job_id: str, token: str) -> int:
+        """moveJobFromActiveToWait: lock released, job first in line, attemptsMade kept.
+        Returns the script's code (< 0: not ours any more)."""
+        k = self.keys
+        keys = [k["active"], k["wait"], k["stalled"], k["paused"], k["meta"], k["limiter"],
+                k["prioritized"], k["marker"], k["events"]]  # fmt: skip
+        reply = await self.scripts["moveJobFromActiveToWait"](
+            keys=keys, args=[job_id, token, self.key(job_id)]
+        )
+        return int(reply)
+
+    # -- locks and stalled jobs ------------------------------------------------------------------
+
+    async def extend_locks(self, jobs: Sequence[tuple[str, str]]) -> list[str]:
+        """Renew the locks of (job id, token) pairs; returns the ids whose lock was not ours."""
+        ids = [job_id for job_id, _ in jobs]
+        tokens = [token for _, token in jobs]
+        args = [self.key_prefix, _pack(tokens), _pack(ids), self.lock_duration_ms]
+        failed = await self.scripts["extendLocks"](keys=[self.keys["stalled"]], args=args)
+        return [str(job_id) for job_id in failed or ()]
+
+    async def move_stalled_to_wait(self, max_stalled: int, interval_ms: int) -> list[str]:
+        k = self.keys
+        keys = [k["stalled"], k["wait"], k["active"], k["stalled-check"], k["meta"],
+                k["paused"], k["marker"], k["events"], k["repeat"]]  # fmt: skip
+        reply = await self.scripts["moveStalledJobsToWait"](
+            keys=keys, args=[max_stalled, self.key_prefix, now_ms(), interval_ms]
+        )
+        return [str(job_id) for job_id in reply or ()]
+
+    async def locks_of_active(self) -> dict[str, str]:
+        """Active job id -> its lock token, for the jobs that still have a lock."""
+        ids: list[str] = await self.redis.lrange(self.keys["active"], 0, -1)  # type: ignore[assignment]  # decode_responses: str
+        if not ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.get(self.key(job_id, "lock"))
+            tokens = await pipe.execute()
+        return {job_id: token for job_id, token in zip(ids, tokens, strict=True) if token}
+
+    # -- what the job and the queue may ask ------------------------------------------------------
+
+    async def update_progress(self, job_id: str, progress: Any) -> None:
+        keys = [self.key(job_id), self.keys["events"], self.keys["meta"]]
+        reply = await self.scripts["updateProgress"](keys=keys, args=[job_id, node_json(progress)])
+        if isinstance(reply, int) and reply < 0:
+            raise JobLost(job_id, "updateProgress", reply)
+
+    async def rate_limit(self, ms: int) -> None:
+        """Node's `queue.rateLimit(ms)`: every worker on this queue, Node or Python, waits."""
+        await self.redis.set(self.keys["limiter"], MAX_SAFE_INTEGER, px=max(1, ms))
+
+    async def probe(self) -> tuple[int, bool, int]:
+        """(waiting + prioritized, paused by an operator, limiter TTL in ms) for /ready."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(self.keys["wait"])
+            pipe.zcard(self.keys["prioritized"])
+            pipe.hexists(self.keys["meta"], "paused")
+            pipe.pttl(self.keys["limiter"])
+            wait, prioritized, paused, limiter_ttl = await pipe.execute()
+        return int(wait) + int(prioritized), bool(paused), max(int(limiter_ttl), 0)
+
+
+class JobLost(RuntimeError):
+    """A script refused: the job is no longer ours (lock lost, moved by the stalled check)."""
+
+    def __init__(self, job_id: str, command: str, code: int) -> None:
+        meaning = {-1: "missing job", -2: "missing lock", -3: "not active", -6: "lock not ours"}
+        super().__init__(f"{command} refused for job {job_id}: {meaning.get(code, f'code {code}')}")
+        self.code = code
+
+
+# --- the producer side, for the CLI -----------------------------------------------------------
+
+
+class QueueClient:
+    """bullmq's `Queue`, for `python -m worker enqueue/stats`: add a job, read it back."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._queue = Queue(
+            settings.queue,
+            {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix},
+        )
+
+    @property
+    def redis(self) -> Any:
+        return self._queue.client
+
+    async def add(self, name: str, data: Any, opts: dict[str, Any]) -> str:
+        job = await self._queue.add(name, data, opts)
+        return str(job.id)
+
+    async def state(self, job_id: str) -> str:
+        return str(await self._queue.getJobState(job_id))
+
+    async def job_fields(self, job_id: str) -> dict[str, Any] | None:
+        from bullmq import Job
+
+        job = await Job.fromId(self._queue, job_id)
+        if job is None:
+            return None
+        return {
+            "progress": job.progress,
+            "attemptsMade": job.attemptsMade,
+            "result": job.returnvalue,
+            "error": job.failedReason or None,
+        }
+
+    async def counts(self, *states: str) -> dict[str, int]:
+        return dict(await self._queue.getJobCounts(*states))
+
+    async def close(self) -> None:
+        await self._queue.close()
