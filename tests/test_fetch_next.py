@@ -11,8 +11,8 @@ import pytest
 
 from tests.support.harness import eventually, registry_of, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
-from worker.protocol import COMMAND_CONNECTIONS, QueueProtocol
 from worker.context import JobContext
+from worker.protocol import COMMAND_CONNECTIONS, QueueProtocol
 from worker.registry import ProcessorSpec
 
 

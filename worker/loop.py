@@ -188,7 +188,7 @@ class JobLoop:
             await asyncio.wait_for(self._close(), timeout=max(deadline - time.monotonic(), 0.1))
         except (TimeoutError, OSError, RedisError):
             logger.warning("Redis did not answer while closing; leaving its connections behind")
-        return list(self._requeued)
+        return list(dict.fromkeys(self._requeued))  # a job may be handed back by two slots
 
     async def _close(self) -> None:
         if self.identity:  # a clean exit: nothing of ours is left to take back

@@ -83,8 +83,7 @@ class Service:
                 loop.remove_signal_handler(sig)
         return self.exit_code
 
-    async def start(self) -> None:
-        """Health server up, banner out, worker consuming."""
+    def _build(self) -> JobLoop:
         s = self.settings
         worker_id = uuid.uuid4().hex
         protocol = QueueProtocol(s, s.worker_name)
@@ -97,8 +96,17 @@ class Service:
             protocol.update_progress,
             s.job_timeout_s,
         )
-        worker = JobLoop(s, protocol, dispatcher, self.stats, worker_id, s.instance_id)
-        self.worker = worker
+        self.worker = JobLoop(s, protocol, dispatcher, self.stats, worker_id, s.instance_id)
+        return self.worker
+
+    async def run_until_idle(self) -> None:
+        """Process what the queue holds, then return (no health server, no signals)."""
+        await self._build().run_until_idle(self.settings.startup_timeout_s)
+
+    async def start(self) -> None:
+        """Health server up, banner out, worker consuming."""
+        s = self.settings
+        worker = self._build()
         health = HealthServer(
             self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s
         )
