@@ -174,3 +174,44 @@ async def test_sigterm_while_connecting_exits_0_at_once(queue_name: str) -> None
     await proc.wait_for_line("Health check server listening")
     proc.proc.send_signal(signal.SIGTERM)
     assert await proc.wait(timeout=15) == 0, proc.output
+
+
+async def test_a_restarted_replica_takes_back_its_crashed_runs_jobs_at_once(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    # Three live replicas, each with the identity Railway gives it; one is killed mid-job and
+    # restarted. Its jobs run again within seconds of the restart (not lock 30 s + stalled
+    # check 30 s later), and no job of the two live replicas is taken from them.
+    def env(replica: str) -> dict[str, str]:
+        return worker_env(redis_url, queue_name, RAILWAY_REPLICA_ID=replica,
+                          WORKER_CONCURRENCY=2, WORKER_LIMITER_MAX=0)  # fmt: skip
+
+    procs = {name: await WorkerProcess.start(env(name)) for name in ("a", "b", "c")}
+    restarted: WorkerProcess | None = None
+    try:
+        for proc in procs.values():
+            await proc.wait_for_line("waiting for jobs")
+        added = await node6.add_bulk(
+            queue_name, [{"name": "ping", "data": {"sleepMs": 2500}} for _ in range(6)]
+        )
+        for job_id in added["ids"]:
+            await until_active(node6, queue_name, job_id)
+        held = [i for i in added["ids"] if f"Job picked up: {i}" in procs["c"].output]
+        assert held, procs["c"].output
+        await procs["c"].kill()
+        restarted_at = time.monotonic()
+        restarted = await WorkerProcess.start(env("c"))
+        for job_id in held:
+            await node6.wait_finished(queue_name, job_id, timeout_ms=20_000)
+        recovered_s = time.monotonic() - restarted_at
+        jobs = [await node6.wait_finished(queue_name, i, timeout_ms=20_000) for i in added["ids"]]
+        await restarted.wait_for_line("Took back")
+    finally:
+        for proc in [*procs.values(), *([restarted] if restarted else [])]:
+            await proc.kill()
+    assert recovered_s < 5 + 2.5 + 3, recovered_s  # take back within 5 s, run 2.5 s, slack
+    everyone = "\n".join(p.output for p in [*procs.values(), restarted])
+    for job in jobs:
+        assert job["state"] == "completed" and job["attemptsMade"] == 1, job
+        assert job["stalledCounter"] == 0  # taken back, not recovered as a stall
+        assert everyone.count(f"Job completed: {job['id']}") == 1

@@ -211,7 +211,7 @@ class JobLoop:
                     return
                 try:
                     job = await self.next_job(self._new_token())
-                except (RedisError, OSError) as exc:
+                except Exception as exc:  # Redis unreachable, or a script error: retry soon
                     logger.error("Worker error while fetching jobs: {}", _reason(exc))
                     await self._sleep(FETCH_RETRY_S)
                     continue
@@ -221,9 +221,9 @@ class JobLoop:
                     continue
             try:
                 job = await self._work(job)
-            except (RedisError, OSError, ValueError) as exc:
-                # The outcome could not be recorded: the job stays active until the stalled
-                # check returns it (the attempt is counted as a retry).
+            except Exception as exc:  # a slot never dies of one job
+                # The outcome could not be recorded (Redis unreachable, or the lock was lost):
+                # the job stays active until the stalled check returns it (counted as a retry).
                 logger.error("Worker error while finishing a job: {}", _reason(exc))
                 job = None
 
@@ -465,10 +465,10 @@ class JobLoop:
             logger.opt(exception=task.exception()).error("Background task failed")
 
     async def _every(self, interval_s: float, chore: Any) -> None:
-        while not self._stopping:
-            await self._sleep(interval_s)
-            if self._stopping:
-                return
+        """Run `chore` every `interval_s` until stop() cancels it, after the slots ended: locks
+        must be renewed while running jobs drain."""
+        while True:
+            await asyncio.sleep(interval_s)
             try:
                 await chore()
             except (RedisError, OSError) as exc:
@@ -508,7 +508,7 @@ class JobLoop:
         waited_until = time.monotonic() + HEARTBEAT_TTL_MS / 1000 + HEARTBEAT_S
         runs: set[str] = await redis.smembers(runs_key)  # type: ignore[assignment]  # decode_responses: str
         pending = {run for run in runs if run != self.id}
-        while not self._stopping:
+        while True:  # until stop() cancels it, after the slots: beat while jobs drain
             for run in list(pending):
                 if await redis.exists(worker_alive_key(prefix, queue, run)):
                     continue  # alive, or not yet expired after a crash: look again
@@ -517,7 +517,7 @@ class JobLoop:
                 await redis.srem(runs_key, run)
             if pending and time.monotonic() > waited_until:
                 pending.clear()  # still beating: a live process shares this identity
-            await self._sleep(HEARTBEAT_S if not pending else 0.25)
+            await asyncio.sleep(HEARTBEAT_S if not pending else 0.25)
             await redis.set(alive_key, self.identity, px=HEARTBEAT_TTL_MS)
 
     async def _reclaim(self, run: str) -> None:
