@@ -1,4 +1,4 @@
-"""railway.toml + nixpacks.toml: the settings Railway needs; a build and start as the builder does.
+"""railway.toml + nixpacks.toml: the settings they carry; a Nixpacks build and start, replayed.
 
 The slow test copies the repository (tracked files plus untracked-but-not-ignored ones) into an
 empty directory, runs nixpacks.toml's install commands there exactly as the generated Dockerfile
@@ -84,12 +84,25 @@ def test_railway_deploy_settings(railway: dict[str, Any], nixpacks: dict[str, An
     assert deploy["healthcheckPath"] == "/health"
     assert deploy["restartPolicyType"] == "ON_FAILURE"
     assert deploy["restartPolicyMaxRetries"] == 10
-    # Railway's parser wants numbers, not strings (railwayapp/docs issue #1243).
+    # Numbers, not strings: the CLI and the IaC SDK type these as numbers.
     numbers = ("healthcheckTimeout", "restartPolicyMaxRetries", "drainingSeconds", "overlapSeconds")
     for key in numbers:
         value = deploy[key]
         assert isinstance(value, int) and not isinstance(value, bool), (key, value)
     assert deploy["healthcheckTimeout"] > 0
+
+
+def test_every_build_starts_the_same_command_on_the_same_python(
+    railway: dict[str, Any], nixpacks: dict[str, Any]
+) -> None:
+    """railway.toml, nixpacks.toml and the Dockerfile (which wins on Railway) agree."""
+    from tests.support.dockerfile import exec_form, instructions
+
+    (cmd,) = [i for i in instructions((REPO / "Dockerfile").read_text()) if i.keyword == "CMD"]
+    assert exec_form(cmd.args) == shlex.split(railway["deploy"]["startCommand"])
+    assert exec_form(cmd.args) == shlex.split(nixpacks["start"]["cmd"])
+    python_version = (REPO / ".python-version").read_text().strip()
+    assert python_version == nixpacks["variables"]["NIXPACKS_PYTHON_VERSION"] == "3.11"
 
 
 def test_draining_time_outlasts_the_shutdown_grace(railway: dict[str, Any]) -> None:
