@@ -1,4 +1,4 @@
-"""railway.toml + nixpacks.toml: the settings Railway needs; a build and start as the builder does.
+"""railway.toml + nixpacks.toml: the settings they carry; a Nixpacks build and start, replayed.
 
 The slow test copies the repository (tracked files plus untracked-but-not-ignored ones) into an
 empty directory, runs nixpacks.toml's install commands there exactly as the generated Dockerfile
@@ -13,30 +13,31 @@ directory of the install phase's `paths` (`/opt/venv`). Nothing else in the comm
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
+from tests.support.replay import (
+    REPO,
+    PathMap,
+    free_port,
+    python_311,
+    repo_files,
+    run_build_step,
+    start_and_check,
+    system_path,
+)
 from worker.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 RAILWAY = REPO / "railway.toml"
 NIXPACKS = REPO / "nixpacks.toml"
 IMAGE_APP_DIR = "/app"  # nixpacks' WORKDIR (dockerfile_generation.rs, APP_DIR)
@@ -83,12 +84,25 @@ def test_railway_deploy_settings(railway: dict[str, Any], nixpacks: dict[str, An
     assert deploy["healthcheckPath"] == "/health"
     assert deploy["restartPolicyType"] == "ON_FAILURE"
     assert deploy["restartPolicyMaxRetries"] == 10
-    # Railway's parser wants numbers, not strings (railwayapp/docs issue #1243).
+    # Numbers, not strings: the CLI and the IaC SDK type these as numbers.
     numbers = ("healthcheckTimeout", "restartPolicyMaxRetries", "drainingSeconds", "overlapSeconds")
     for key in numbers:
         value = deploy[key]
         assert isinstance(value, int) and not isinstance(value, bool), (key, value)
     assert deploy["healthcheckTimeout"] > 0
+
+
+def test_every_build_starts_the_same_command_on_the_same_python(
+    railway: dict[str, Any], nixpacks: dict[str, Any]
+) -> None:
+    """railway.toml, nixpacks.toml and the Dockerfile (which wins on Railway) agree."""
+    from tests.support.dockerfile import exec_form, instructions
+
+    (cmd,) = [i for i in instructions((REPO / "Dockerfile").read_text()) if i.keyword == "CMD"]
+    assert exec_form(cmd.args) == shlex.split(railway["deploy"]["startCommand"])
+    assert exec_form(cmd.args) == shlex.split(nixpacks["start"]["cmd"])
+    python_version = (REPO / ".python-version").read_text().strip()
+    assert python_version == nixpacks["variables"]["NIXPACKS_PYTHON_VERSION"] == "3.11"
 
 
 def test_draining_time_outlasts_the_shutdown_grace(railway: dict[str, Any]) -> None:
@@ -134,42 +148,11 @@ def test_health_port_follows_railways_port() -> None:
 # --- build and start the way the builder does ----------------------------------------------
 
 
-def repo_files() -> list[str]:
-    """Tracked files plus untracked ones that are not ignored: what a deploy would upload."""
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, check=True, capture_output=True,
-    ).stdout.decode()  # fmt: skip
-    return [name for name in out.split("\0") if name and (REPO / name).is_file()]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def python_311() -> str:
-    """A plain CPython 3.11 (the venv's base interpreter), standing in for nixpkgs' python311."""
-    base = getattr(sys, "_base_executable", sys.executable)
-    version = subprocess.run(
-        [base, "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    if version != "3.11":
-        pytest.skip(f"needs a Python 3.11 interpreter to stand in for python311, found {version}")
-    return base
-
-
 def pip_cache_dir() -> str:
     out = subprocess.run(
         [sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True, check=False
     ).stdout.strip()
     return out or str(Path.home() / ".cache" / "pip")
-
-
-def system_path() -> str:
-    return os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir())
 
 
 class Image:
@@ -182,15 +165,14 @@ class Image:
         self.home = root / "home"
         self.bin = root / "nix-bin"  # what the setup phase's nix packages put on PATH
         (venv_bin,) = install["paths"]
-        self.venv_image = str(Path(venv_bin).parent)
         self.venv = root / "venv"
+        self.paths = PathMap()
+        self.paths.add(str(Path(venv_bin).parent), self.venv)
+        self.paths.add(IMAGE_APP_DIR, self.app)
+        self.map = self.paths.map
         self.variables = {k: str(v) for k, v in nixpacks.get("variables", {}).items()}
         for directory in (self.app, self.home, self.bin):
             directory.mkdir()
-
-    def map(self, text: str) -> str:
-        """Image paths to temp paths (longest first)."""
-        return text.replace(self.venv_image, str(self.venv)).replace(IMAGE_APP_DIR, str(self.app))
 
     @property
     def path(self) -> str:
@@ -205,18 +187,6 @@ def image(nixpacks: dict[str, Any]) -> Iterator[Image]:
         yield Image(root, nixpacks)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def deploy_queue(redis_url: str) -> Iterator[str]:
-    name = f"test-deploy-{uuid.uuid4().hex[:10]}"
-    yield name
-    client = redis.Redis.from_url(redis_url)
-    try:
-        for key in client.scan_iter(match=f"bull:{name}:*", count=500):
-            client.delete(key)
-    finally:
-        client.close()
 
 
 def copy_in(image: Image, names: list[str]) -> None:
@@ -240,28 +210,12 @@ def build(image: Image, nixpacks: dict[str, Any]) -> None:
         **image.variables,
     }
     for cmd in nixpacks["phases"]["install"]["cmds"]:  # `RUN <cmd>`: /bin/sh -c in WORKDIR
-        done = subprocess.run(
-            ["/bin/sh", "-c", image.map(cmd)], cwd=image.app, env=env,
-            capture_output=True, text=True, timeout=480,
-        )  # fmt: skip
-        assert done.returncode == 0, f"install step failed: {cmd}\n{done.stdout}\n{done.stderr}"
+        run_build_step(image.map(cmd), image.app, env)
     copy_in(image, context)  # the start phase: `COPY . /app`
     assert not (image.app / ".venv").exists()
     # `paths` also go into /root/.profile, which `bash -l` reads after /etc/profile resets PATH.
     paths = nixpacks["phases"]["install"]["paths"]
     (image.home / ".profile").write_text("".join(f"\nPATH={image.map(p)}:$PATH" for p in paths))
-
-
-def get_health(port: int) -> tuple[int, dict[str, Any]] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status, json.loads(response.read())
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
-
-
-def output_of(log: Path) -> str:
-    return log.read_text(errors="replace") if log.exists() else ""
 
 
 @pytest.mark.slow
@@ -271,7 +225,7 @@ def test_install_and_start_like_the_builder(
     nixpacks: dict[str, Any],
     railway: dict[str, Any],
     redis_url: str,
-    deploy_queue: str,
+    queue_name: str,
 ) -> None:
     build(image, nixpacks)
     assert (image.venv / "bin" / "python").exists()
@@ -282,58 +236,20 @@ def test_install_and_start_like_the_builder(
         "HOME": str(image.home),
         "REDIS_URL": redis_url,
         "PORT": str(port),  # Railway injects PORT; WORKER_HEALTH_PORT is not set
-        "WORKER_QUEUE": deploy_queue,
+        "WORKER_QUEUE": queue_name,
         # generate-flashcards refuses to start without an OpenAI key; this checks the deploy.
         "WORKER_JOB_TYPES": "ping",
         **image.variables,  # [variables] become ENV in the image
     }
     start_cmd = railway["deploy"]["startCommand"]
-    log = image.root / "worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["/bin/bash", "-l", "-c", start_cmd],  # ENTRYPOINT + CMD of the nixpacks image
-            cwd=image.app, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        health = None
-        deadline = time.monotonic() + railway["deploy"]["healthcheckTimeout"]
-        while time.monotonic() < deadline and proc.poll() is None:
-            health = get_health(port)
-            if health is not None:
-                break
-            time.sleep(0.2)
-        assert health is not None, f"/health never answered:\n{output_of(log)}"
-        status, body = health
-        assert status == 200 and body["status"] == "healthy" and body["service"] == "worker", body
-
-        # The process Railway signals is the one the start command started: Python, not bash.
-        exe = Path(os.readlink(f"/proc/{proc.pid}/exe")).name
-        assert exe.startswith("python"), f"PID {proc.pid} is {exe}, not Python: SIGTERM would miss"
-        assert body["pid"] == proc.pid
-        assert Path(os.readlink(f"/proc/{proc.pid}/cwd")) == image.app
-
-        # One job end to end, added with the built venv's own CLI.
-        enqueue = subprocess.run(
-            [str(image.venv / "bin" / "python"), "-m", "worker", "enqueue", "ping",
-             "--data", '{"echo": "deploy"}', "--wait", "--timeout", "30"],
-            cwd=image.app, env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert enqueue.returncode == 0, f"{enqueue.stdout}\n{enqueue.stderr}\n{output_of(log)}"
-        result = json.loads(enqueue.stdout.strip().splitlines()[-1])
-        assert result["status"] == "completed" and result["result"]["echo"] == "deploy", result
-
-        began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=DEFAULTS.shutdown_grace_s + 5)
-        took = time.monotonic() - began
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = output_of(log)
-    assert code == 0, f"exit code {code}:\n{text}"
-    assert took < DEFAULTS.shutdown_grace_s < railway["deploy"]["drainingSeconds"], took
-    assert "Received SIGTERM" in text, text
-    assert "WORKER STATISTICS" in text, text
-    assert "Succeeded: 1" in text, text
-    assert f"Health check server listening on port {port}" in text, text
+    started = start_and_check(
+        ["/bin/bash", "-l", "-c", start_cmd],  # ENTRYPOINT + CMD of the nixpacks image
+        cwd=image.app,
+        env=env,
+        cli_python=image.venv / "bin" / "python",
+        port=port,
+        health_timeout_s=railway["deploy"]["healthcheckTimeout"],
+        shutdown_grace_s=DEFAULTS.shutdown_grace_s,
+        log=image.root / "worker.log",
+    )
+    assert started.sigterm_to_exit_s < railway["deploy"]["drainingSeconds"]

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
+import socket
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.support.harness import eventually, registry_of, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
 from tests.support.redis_server import private_redis
+from worker import health
 from worker.context import JobContext
+from worker.health import HealthServer, QueueProbe
 from worker.registry import ProcessorSpec
 from worker.service import Service
+from worker.stats import Stats
 
 
-async def get(port: int, path: str) -> tuple[int, Any]:
+async def get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+        async with session.get(f"http://{host}:{port}{path}") as response:
             return response.status, await response.json()
 
 
@@ -129,3 +135,72 @@ async def test_ready_stays_200_while_the_queue_waits_out_a_rate_limit(
         status, body = await get(service.health.port, "/ready")
         assert status == 200 and "rate-limited" in body["reason"], body
         await service.worker.protocol.redis.delete(service.worker.protocol.keys["limiter"])
+
+
+# --- where the health server listens -----------------------------------------------------
+
+
+async def _idle_probe() -> QueueProbe:
+    return QueueProbe(waiting=0, paused=False)
+
+
+def _bare_server(port: int = 0) -> HealthServer:
+    """The server as Service builds it: no host given."""
+    return HealthServer(Stats(), port, _idle_probe, concurrency=3, ready_stall_s=120.0)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+async def test_health_answers_over_ipv6_and_ipv4_on_one_port() -> None:
+    """Railway's legacy private network is IPv6-only: `::` with IPv4 mapped serves both."""
+    if not _has_ipv6_loopback():
+        pytest.skip("this host has no IPv6 loopback to connect from")
+    server = _bare_server()
+    port = await server.start()
+    try:
+        for host in ("[::1]", "127.0.0.1"):
+            status, body = await get(port, "/health", host)
+            assert status == 200 and body["status"] == "healthy", (host, body)
+        assert (await get(port, "/ready", "[::1]"))[0] == 200
+    finally:
+        await server.stop()
+
+
+async def test_health_falls_back_to_ipv4_where_ipv6_is_absent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_bound = health._bound
+
+    def no_ipv6(family: int, address: tuple[str, int], v6only: bool | None = None) -> Any:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_bound(family, address, v6only)
+
+    monkeypatch.setattr(health, "_bound", no_ipv6)
+    server = _bare_server()
+    port = await server.start()
+    try:
+        assert (await get(port, "/health"))[0] == 200
+        if _has_ipv6_loopback():  # it really is the IPv4 socket that answers
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await get(port, "/health", "[::1]")
+    finally:
+        await server.stop()
+
+
+async def test_a_taken_port_is_an_error_not_a_silent_ipv4_fallback() -> None:
+    with socket.socket(socket.AF_INET) as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        server = _bare_server(taken.getsockname()[1])
+        with pytest.raises(OSError) as caught:
+            await server.start()
+        await server.stop()
+    assert caught.value.errno == errno.EADDRINUSE

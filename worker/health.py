@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from loguru import logger
 from worker.stats import Stats
 
 REDIS_PING_TIMEOUT_S = 2.0
+# Where the host has no usable IPv6 (kernel without it, or IPv6 turned off): bind IPv4 instead.
+NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
 
 
 @dataclass
@@ -32,6 +36,39 @@ def iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def listening_socket(port: int) -> socket.socket:
+    """All addresses, IPv6 and IPv4: `::` with IPv4 mapped, else `0.0.0.0` where IPv6 is absent.
+
+    Railway's private network is IPv6-only in environments created before 2025-10-16, so a
+    monitor reaching `<worker>.railway.internal` needs an IPv6 listener, while the deploy-time
+    health check may come over IPv4. asyncio's `create_server(host="::")` sets IPV6_V6ONLY,
+    hence the socket is made here, with it cleared.
+    """
+    try:
+        sock = _bound(socket.AF_INET6, ("::", port), v6only=False)
+    except OSError as exc:
+        if exc.errno not in NO_IPV6:
+            raise  # e.g. the port is taken: the same error an IPv4 bind would give
+        logger.debug("No IPv6 here ({}); health server on IPv4 only", exc)
+        sock = _bound(socket.AF_INET, ("0.0.0.0", port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _bound(family: int, address: tuple[str, int], v6only: bool | None = None) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if v6only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class HealthServer:
     def __init__(
         self,
@@ -40,7 +77,7 @@ class HealthServer:
         probe: Callable[[], Awaitable[QueueProbe]],
         concurrency: int,
         ready_stall_s: float,
-        host: str = "0.0.0.0",
+        host: str | None = None,  # None: every address, IPv6 and IPv4 (`listening_socket`)
     ) -> None:
         self.stats = stats
         self.port = port
@@ -60,7 +97,11 @@ class HealthServer:
     async def start(self) -> int:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site: web.BaseSite
+        if self.host is None:
+            site = web.SockSite(self._runner, listening_socket(self.port))
+        else:
+            site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         addresses = self._runner.addresses
         if addresses:

@@ -16,7 +16,7 @@ if (version !== '5' && version !== '6') {
   process.exit(2);
 }
 const pkg = `bullmq${version}`;
-const { Queue } = await import(pkg);
+const { Queue, Worker } = await import(pkg);
 const bullmqVersion = JSON.parse(
   readFileSync(new URL(`./node_modules/${pkg}/package.json`, import.meta.url), 'utf8'),
 ).version;
@@ -84,9 +84,22 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 let contractPackage;
 const contract = () => (contractPackage ??= import('../../contract/node/index.js'));
 
+// Node workers started by `startWorker`: the old Node worker consuming beside ours.
+const workers = new Map();
+async function stopWorker({ queue, prefix = 'bull' }) {
+  const key = JSON.stringify([queue, prefix]);
+  const entry = workers.get(key);
+  if (!entry) throw new Error(`no Node worker on ${key}`);
+  workers.delete(key);
+  await entry.worker.close();
+  await entry.connection.quit().catch(() => entry.connection.disconnect());
+  return { completed: entry.completed, jobIds: entry.jobIds };
+}
+
 let closing;
 function closeAll() {
   closing ??= (async () => {
+    await Promise.allSettled([...workers.values()].map(({ worker }) => worker.close()));
     await Promise.allSettled([...queues.values()].map((q) => q.close()));
     await redis.quit().catch(() => redis.disconnect());
   })();
@@ -185,6 +198,39 @@ const ops = {
       await sleep(25);
     }
   },
+
+  // A Node BullMQ worker on the queue, as the old worker ran (INTEROP §1: concurrency, the
+  // queue-wide limiter), serving `ping` with the Python processor's result shape.
+  async startWorker({ queue, prefix = 'bull', concurrency = 20, limiter }) {
+    const key = JSON.stringify([queue, prefix]);
+    if (workers.has(key)) throw new Error(`a Node worker already runs on ${key}`);
+    const connection = new Redis(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', {
+      maxRetriesPerRequest: null,
+    });
+    const entry = { connection, completed: 0, jobIds: [] };
+    const processor = async (job) => {
+      if (job.name !== 'ping') throw new Error(`Unknown job type: ${job.name}`);
+      await job.updateProgress(100);
+      entry.jobIds.push(job.id);
+      return {
+        pong: true,
+        echo: job.data.echo ?? null,
+        jobId: job.id,
+        attempt: job.attemptsMade + 1,
+        worker: { runtime: 'node' },
+      };
+    };
+    entry.worker = new Worker(queue, processor, { connection, prefix, concurrency, limiter });
+    entry.worker.on('completed', () => {
+      entry.completed += 1;
+    });
+    entry.worker.on('error', (err) => console.error(`bridge: Node worker: ${err.message}`));
+    await entry.worker.waitUntilReady();
+    workers.set(key, entry);
+    return null;
+  },
+
+  stopWorker,
 
   async obliterate(args) {
     await queueFor(args).obliterate({ force: true });

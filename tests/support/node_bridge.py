@@ -145,6 +145,23 @@ class NodeBridge:
             timeout=max(self._timeout, timeout_ms / 1000 + 5),
         )
 
+    async def start_worker(
+        self,
+        queue: str,
+        *,
+        concurrency: int = 20,
+        limiter: dict[str, int] | None = None,
+        prefix: str | None = None,
+    ) -> None:
+        """A Node BullMQ worker on `queue` (serves `ping`), as the old Node worker ran."""
+        await self.call(
+            "startWorker", queue=queue, concurrency=concurrency, limiter=limiter, prefix=prefix
+        )
+
+    async def stop_worker(self, queue: str, *, prefix: str | None = None) -> dict[str, Any]:
+        """Close it; returns {completed, jobIds}: what the Node worker processed."""
+        return await self.call("stopWorker", queue=queue, prefix=prefix)
+
     async def obliterate(self, queue: str, *, prefix: str | None = None) -> None:
         """Remove the queue and all its jobs (force)."""
         await self.call("obliterate", queue=queue, prefix=prefix)
