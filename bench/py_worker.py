@@ -4,14 +4,14 @@
         [--expect N] [--rss-at 1000,10000] [--openai-url URL] [--log-level WARNING] [--no-starts]
         [--loop auto|asyncio|uvloop] [--bare]
 
-Everything a production job goes through runs here: QueueWorker (bullmq.Worker with our fixes),
-the Dispatcher (routing, logging context, stats, contract checks where a schema exists, JSON-safe
-results), the health server and the graceful stop. Every production processor module is imported
-(the deployed memory footprint) and registered where it builds without Supabase credentials
-(ping, generate-flashcards with budget checks off), plus `bench-noop` and `bench-sleep`; jobs
-are routed by name as in production. The start of each job is recorded where the processor's
-handler begins. The event loop is the one `python -m worker` picks (`--loop auto`: uvloop when
-installed).
+Everything a production job goes through runs here: the JobLoop (worker/loop.py) and its
+protocol, the Dispatcher (routing, contract checks where a schema exists, JSON-safe results),
+stats, logging context, the health server and the graceful stop. Every production processor
+module is imported (the deployed memory footprint) and registered where it builds without
+Supabase credentials (ping, generate-flashcards with budget checks off), plus `bench-noop` and
+`bench-sleep`; jobs are routed by name as in production. The start of each job is recorded where
+the processor's handler begins. The event loop is the one `python -m worker` picks (`--loop
+auto`: uvloop when installed).
 
 stdout: the same protocol as bench/node_worker.mjs (a ready line, then one line of measurements
 when `--expect` jobs have finished, or on SIGTERM).
@@ -42,6 +42,7 @@ from worker.logs import setup_logging  # noqa: E402
 from worker.registry import Handler, ProcessorSpec, Registry  # noqa: E402
 from worker.service import Service  # noqa: E402
 from worker.settings import Settings  # noqa: E402
+from worker.stats import Stats  # noqa: E402
 
 FLASHCARDS = "generate-flashcards"
 
@@ -94,20 +95,36 @@ class Recorder:
 
         return timed
 
-    def ended(self, job: Any, *_: Any) -> None:
+    def ended(self, job_id: str | None = None) -> None:
         self.finished += 1
         self.last_end = time.time() * 1000
         if self.keep_starts:
-            self.ends.append((job.id, self.last_end))
+            self.ends.append((job_id or "", self.last_end))
         if self.finished in self.rss_at:
             self.rss_checkpoints[str(self.finished)] = proc_status()["vmRssKb"]
         if self.expect and self.finished >= self.expect:
             self.done.set()
 
-    def on_failed(self, job: Any, err: BaseException) -> None:
+    def on_failed(self, outcome: str) -> None:
         self.failed += 1
-        print(f"py_worker: job {job.id} failed: {err}", file=sys.stderr)
-        self.ended(job)
+        print(f"py_worker: a job attempt ended as {outcome!r}", file=sys.stderr)
+        self.ended()
+
+
+class RecordingStats(Stats):
+    """The service's counters, also telling the recorder when a job's outcome is stored
+    (after moveToFinished, as Node's `completed`/`failed` events fire)."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def job_ended(self, outcome: str, duration_s: float) -> None:
+        super().job_ended(outcome, duration_s)
+        if outcome == "completed":
+            self.recorder.ended()
+        else:
+            self.recorder.on_failed(outcome)
 
 
 def bench_registry(args: argparse.Namespace, recorder: Recorder) -> Registry:
@@ -165,12 +182,10 @@ async def main(args: argparse.Namespace) -> None:
     rss_at = {int(n) for n in args.rss_at.split(",") if n}
     recorder = Recorder(args.expect, rss_at, keep_starts=not args.no_starts)
     service = Service(settings, bench_registry(args, recorder), Contract.load())
+    service.stats = RecordingStats(recorder)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, recorder.done.set)
     await service.start()
-    assert service.worker is not None
-    service.worker.on("completed", recorder.ended)
-    service.worker.on("failed", recorder.on_failed)
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
 
     await recorder.done.wait()
