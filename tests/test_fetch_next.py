@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from tests.support.harness import eventually, registry_of, running_service, settings_for
+from tests.support.harness import (
+    eventually,
+    registry_of,
+    run_until_idle,
+    running_service,
+    settings_for,
+)
 from tests.support.node_bridge import NodeBridge
 from worker.context import JobContext
 from worker.protocol import COMMAND_CONNECTIONS, QueueProtocol
@@ -50,8 +56,8 @@ async def test_a_completion_fetches_the_next_job(
     runs: list[str] = []
     # No limiter: each window's first fetch would be a moveToActive again (tested below).
     settings = settings_for(redis_url, queue_name, WORKER_CONCURRENCY=3, WORKER_LIMITER_MAX=0)
-    async with running_service(settings, registry_of(counting(runs))):
-        await eventually(lambda: _completed(node6, queue_name, 30), timeout=30)
+    await run_until_idle(settings, registry_of(counting(runs)))
+    assert (await node6.counts(queue_name))["completed"] == 30
     assert sorted(runs) == sorted(added["ids"])  # each once
     # 3 slots, each activated once by moveToActive; a slot may find the queue empty at the
     # very end and ask again. Without fetch-next this is 30.
@@ -76,8 +82,8 @@ async def test_jobs_fetched_with_completions_obey_the_limiter(
         redis_url, queue_name, WORKER_CONCURRENCY=3, WORKER_LIMITER_MAX=5,
         WORKER_LIMITER_DURATION_MS=1000,
     )  # fmt: skip
-    async with running_service(settings, registry_of(ProcessorSpec("step", timed))):
-        await eventually(lambda: _completed(node6, queue_name, 15), timeout=30)
+    await run_until_idle(settings, registry_of(ProcessorSpec("step", timed)))
+    assert (await node6.counts(queue_name))["completed"] == 15
     starts.sort()
     most_in_a_window = max(
         sum(1 for t in starts if s <= t < s + 0.95) for s in starts
@@ -108,8 +114,8 @@ async def test_stop_mid_stream_loses_and_repeats_nothing(
     counts = await node6.counts(queue_name)
     assert counts["active"] == 0, counts
     assert counts["completed"] == len(runs) and counts["waiting"] == 80 - len(runs), counts
-    async with running_service(settings, registry_of(counting(runs))):
-        await eventually(lambda: _completed(node6, queue_name, 80), timeout=30)
+    await run_until_idle(settings, registry_of(counting(runs)))
+    assert (await node6.counts(queue_name))["completed"] == 80
     assert Counter(runs) == Counter(added["ids"])  # all 80, each exactly once
 
 

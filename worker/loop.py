@@ -286,11 +286,11 @@ class JobLoop:
         self._limit_until = (
             time.monotonic() + answer.limit_until_ms / 1000 if answer.limit_until_ms else 0.0
         )
-        if answer.job is None:
+        if answer.job is not None or answer.limit_until_ms:
+            self._drained = False  # jobs wait (when limited: after the limiter's wait, ask again)
+        else:
             self._drained = True
             self._block_until_ms = 0
-        else:
-            self._drained = False
         if answer.delay_until_ms:
             self._block_until_ms = answer.delay_until_ms
         if isinstance(answer.job, UndecodableJob):

@@ -46,6 +46,15 @@ async def running_service(
         await service.stop()
 
 
+async def run_until_idle(
+    settings: Settings, registry: Registry | None = None, timeout: float = 60.0
+) -> Service:
+    """Burst mode: the service's loop runs the queue empty and returns (no polling)."""
+    service = Service(settings, registry or registry_of(), Contract.load())
+    await asyncio.wait_for(service.run_until_idle(), timeout)
+    return service
+
+
 async def eventually(
     check: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.05
 ) -> Any:
