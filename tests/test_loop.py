@@ -4,6 +4,7 @@ stop() keeps its deadline with Redis gone, burst mode runs a queue empty."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -95,7 +96,7 @@ async def test_data_nested_deeper_than_pythons_recursion_limit_is_processed(
 
 
 async def test_a_job_past_its_timeout_fails_its_attempt_and_is_retried(
-    node6: NodeBridge, redis_url: str, queue_name: str
+    node6: NodeBridge, redis_url: str, queue_name: str, rclient: Any
 ) -> None:
     registry = registry_of(ProcessorSpec(name="hang", handler=hang))
     settings = settings_for(redis_url, queue_name, WORKER_JOB_TIMEOUT_S=0.3, WORKER_CONCURRENCY=1)
@@ -111,6 +112,9 @@ async def test_a_job_past_its_timeout_fails_its_attempt_and_is_retried(
     assert job["failedReason"] == "Job timed out after 0.3 s"
     assert other["state"] == "completed"  # the one slot was free again
     assert renewing == []  # no lock renewed for the cancelled handler
+    # One stack per failed attempt, kept in the job as Node keeps them (`job.stacktrace`).
+    stacks = json.loads(await rclient.hget(f"bull:{queue_name}:{added['id']}", "stacktrace"))
+    assert len(stacks) == 2 and all("Job timed out after 0.3 s" in st for st in stacks), stacks
 
 
 async def test_a_job_type_may_declare_a_shorter_timeout_and_sync_handlers_obey_it(

@@ -85,9 +85,21 @@ def theirs(settings: Settings) -> Scripts:
     return Scripts(settings.prefix, settings.queue, connection)  # type: ignore[arg-type]
 
 
-def last(recorder: Any) -> tuple[list[Any], list[Any]]:
+def wire(value: Any) -> bytes:
+    """What redis-py sends for an argument: bytes as they are, anything else as str, UTF-8."""
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def last(recorder: Any) -> tuple[list[bytes], list[bytes]]:
+    """The last call's KEYS and ARGV as they go on the wire."""
     assert recorder.calls, "not called"
-    return recorder.calls[-1]  # type: ignore[no-any-return]
+    keys, args = recorder.calls[-1]
+    return [wire(k) for k in keys], [wire(a) for a in args]
+
+
+def on_the_wire(call: tuple[list[Any], list[Any]]) -> tuple[list[bytes], list[bytes]]:
+    keys, args = call
+    return [wire(k) for k in keys], [wire(a) for a in args]
 
 
 def job(**opts: Any) -> ActiveJob:
@@ -144,23 +156,25 @@ async def test_complete(
 ) -> None:
     j = job(attempts=3, removeOnComplete=remove)
     await ours.complete(j, {"ok": "ü"}, fetch_next=True)
-    keys, args = theirs.moveToCompletedArgs(
-        bullmq_job(j, settings), {"ok": "ü"}, remove, TOKEN, True
+    keys, args = on_the_wire(
+        theirs.moveToCompletedArgs(bullmq_job(j, settings), {"ok": "ü"}, remove, TOKEN, True)
     )
     our_keys, our_args = last(ours.scripts["moveToFinished"])
     assert our_keys == keys
     assert our_args[:3] + our_args[4:7] == args[:3] + args[4:7]
     assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
     assert json.loads(our_args[3]) == json.loads(args[3])
-    assert our_args[3] == node_json({"ok": "ü"})  # raw UTF-8, as JSON.stringify writes it
+    assert our_args[3] == node_json({"ok": "ü"}).encode()  # raw UTF-8, as JSON.stringify writes it
 
 
 async def test_fail_for_good(ours: QueueProtocol, theirs: Scripts, settings: Settings) -> None:
     j = job(attempts=1, removeOnFail={"age": 86400, "count": 500}, failParentOnFailure=True)
     await ours.fail(j, "boom", '["trace"]', fetch_next=False)
     fields = {"failedReason": "boom", "stacktrace": '["trace"]'}
-    keys, args = theirs.moveToFailedArgs(
-        bullmq_job(j, settings), "boom", j.opts["removeOnFail"], TOKEN, False, fields
+    keys, args = on_the_wire(
+        theirs.moveToFailedArgs(
+            bullmq_job(j, settings), "boom", j.opts["removeOnFail"], TOKEN, False, fields
+        )
     )
     our_keys, our_args = last(ours.scripts["moveToFinished"])
     assert our_keys == keys
@@ -173,8 +187,8 @@ async def test_retry_now(ours: QueueProtocol, theirs: Scripts, lifo: bool) -> No
     j = job(attempts=3, lifo=lifo)
     await ours.retry(j, "boom", "[]", delay_ms=0)
     fields = {"failedReason": "boom", "stacktrace": "[]"}
-    assert last(ours.scripts["retryJob"]) == theirs.retryJobArgs(
-        j.id, lifo, TOKEN, {"fieldsToUpdate": fields}
+    assert last(ours.scripts["retryJob"]) == on_the_wire(
+        theirs.retryJobArgs(j.id, lifo, TOKEN, {"fieldsToUpdate": fields})
     )
 
 
@@ -182,10 +196,9 @@ async def test_retry_after_a_backoff(ours: QueueProtocol, theirs: Scripts) -> No
     j = job(attempts=3, backoff={"type": "exponential", "delay": 2000})
     await ours.retry(j, "boom", "[]", delay_ms=4000)
     fields = {"failedReason": "boom", "stacktrace": "[]"}
-    keys, args = theirs.moveToDelayedArgs(
-        j.id, round(NOW * 1000), TOKEN, 4000, {"fieldsToUpdate": fields}
+    assert last(ours.scripts["moveToDelayed"]) == on_the_wire(
+        theirs.moveToDelayedArgs(j.id, round(NOW * 1000), TOKEN, 4000, {"fieldsToUpdate": fields})
     )
-    assert last(ours.scripts["moveToDelayed"]) == (keys, args)
 
 
 async def test_extend_locks(ours: QueueProtocol, theirs: Scripts, settings: Settings) -> None:
@@ -215,8 +228,8 @@ async def test_move_to_wait_keys_follow_the_scripts_header(ours: QueueProtocol) 
     header = (COMMANDS / SCRIPTS["moveJobFromActiveToWait"]).read_text().split("]]", 1)[0]
     names = re.findall(r"KEYS\[\d+\]\s+(\w+) key", header)
     names = ["events" if name == "event" else name for name in names]  # the header's wording
-    assert [key.rsplit(":", 1)[1] for key in keys] == names
-    assert args == ["42", TOKEN, ours.key("42")]
+    assert [key.decode().rsplit(":", 1)[1] for key in keys] == names
+    assert args == [b"42", TOKEN.encode(), ours.key("42").encode()]
     assert re.findall(r"ARGV\[\d+\]\s+(.+)", header) == ["job id", "lock token", "job id key"]
 
 
