@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
+from collections.abc import Iterator
 
 import pytest
 
 from tests.support.harness import running_service, settings_for
 from tests.support.node_bridge import NodeBridge
 from tests.support.proc import WorkerProcess
-from tests.support.redis_server import free_port
+from tests.support.redis_server import free_port, private_redis
 
 
 def env_for(redis_url: str, queue: str) -> dict[str, str]:
@@ -82,3 +85,73 @@ async def test_stats_prints_the_counts_the_web_service_reads(
     for state in ("waiting", "active", "completed", "failed", "delayed"):
         assert counts[state] == node_counts[state]
     assert counts["waiting"] == 1 and counts["delayed"] == 1 and counts["total"] == 2
+
+
+# --- bounded in time, with the cause ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def password_redis() -> Iterator[str]:
+    with private_redis(password="right-pass-123") as url:
+        yield url
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield int(sock.getsockname()[1])
+
+
+async def timed_cli(env: dict[str, str], *args: str, limit_s: float = 20) -> tuple[int, str, float]:
+    """Run the CLI; kill it if it outlives `limit_s` (a hang is a failure, not a stuck suite)."""
+    began = time.monotonic()
+    proc = await WorkerProcess.start(env, *args)
+    try:
+        code = await proc.wait(timeout=limit_s)
+    except TimeoutError:
+        await proc.kill()
+        raise AssertionError(f"{args} still running after {limit_s} s:\n{proc.output}") from None
+    return code, proc.output, time.monotonic() - began
+
+
+COMMANDS = [["stats"], ["enqueue", "ping"], ["enqueue", "ping", "--wait"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+async def test_a_wrong_password_fails_the_command_at_once_saying_so(
+    command: list[str], password_redis: str, queue_name: str
+) -> None:
+    env = env_for(password_redis.replace("right-pass-123", "wrong-pass-456"), queue_name)
+    code, out, took = await timed_cli(env, *command)
+    assert code == 1, out
+    assert "authentication failed" in out and "REDIS_URL" in out, out
+    assert "wrong-pass-456" not in out and "right-pass-123" not in out
+    assert took < 5, took
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+async def test_a_closed_port_fails_the_command_at_once_saying_so(
+    command: list[str], queue_name: str
+) -> None:
+    code, out, took = await timed_cli(env_for(f"redis://127.0.0.1:{free_port()}", queue_name),
+                                      *command)  # fmt: skip
+    assert code == 1, out
+    assert "connection refused by 127.0.0.1" in out, out
+    assert took < 5, took
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+async def test_a_redis_that_never_answers_fails_the_command_within_its_timeout(
+    command: list[str], silent_port: int, queue_name: str
+) -> None:
+    env = {**env_for(f"redis://127.0.0.1:{silent_port}", queue_name), "WORKER_CLI_TIMEOUT_S": "1"}
+    code, out, took = await timed_cli(env, *command)
+    assert code == 1, out
+    assert f"no answer from 127.0.0.1:{silent_port} within 1 s" in out, out
+    assert took < 4, took
+    # The option wins over the variable.
+    code, out, took = await timed_cli(env, *command, "--redis-timeout", "0.5")
+    assert code == 1 and "within 0.5 s" in out, out

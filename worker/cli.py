@@ -8,8 +8,8 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -18,8 +18,11 @@ from worker.errors import ConfigError, JobError
 from worker.idempotency import idempotency_key
 from worker.logs import secrets_from_env, setup_logging
 from worker.protocol import QueueClient
+from worker.redis_probe import RedisUnreachable, bounded_client, describe, server_info
 from worker.results import node_json
 from worker.settings import Settings
+
+T = TypeVar("T")
 
 # The web service's default job options (INTEROP §1).
 DEFAULT_JOB_OPTS: dict[str, Any] = {
@@ -42,12 +45,34 @@ def job_id_for(name: str) -> str:
     return f"{name}-{int(time.time() * 1000)}-{suffix}"
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the worker service (the default)")
-    sub.add_parser("check", help="check settings, Redis and processors; exit 0 when fit to run")
-    enqueue = sub.add_parser("enqueue", help="add a job the way the web service does")
+    # Commands beside the service: each Redis step gives up after this long, saying why.
+    bounded = argparse.ArgumentParser(add_help=False)
+    bounded.add_argument(
+        "--redis-timeout",
+        type=_seconds,
+        metavar="S",
+        help="seconds each Redis step may take before the command gives up "
+        "(default: WORKER_CLI_TIMEOUT_S, else 5)",
+    )
+    sub.add_parser(
+        "check",
+        parents=[bounded],
+        help="check settings, Redis and processors; exit 0 when fit to run",
+    )
+    enqueue = sub.add_parser(
+        "enqueue", parents=[bounded], help="add a job the way the web service does"
+    )
     enqueue.add_argument("name", help="job type, e.g. ping")
     enqueue.add_argument("--data", default="{}", help="the payload as JSON")
     enqueue.add_argument("--priority", type=int, help="BullMQ priority: 1 runs first, 0 = none")
@@ -56,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enqueue.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait (300)")
     enqueue.add_argument("--no-validate", action="store_true", help="skip the contract check")
-    sub.add_parser("stats", help="print the queue's job counts as JSON")
+    sub.add_parser("stats", parents=[bounded], help="print the queue's job counts as JSON")
     return parser
 
 
@@ -72,13 +97,23 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
     setup_logging(settings.log_format, settings.log_level, secrets)
     if command == "run":
         return run_service(settings, env)
+    timeout_s = args.redis_timeout or settings.cli_timeout_s
     if command == "check":
         return asyncio.run(check(settings, env))
     if command == "enqueue":
-        return asyncio.run(enqueue(settings, args))
+        return _with_redis(enqueue(settings, args, timeout_s))
     if command == "stats":
-        return asyncio.run(stats(settings))
+        return _with_redis(stats(settings, timeout_s))
     raise AssertionError(command)
+
+
+def _with_redis(command: Coroutine[Any, Any, int]) -> int:
+    """Run a command that needs Redis; when Redis fails it, say why and exit 1."""
+    try:
+        return asyncio.run(command)
+    except RedisUnreachable as exc:
+        print(f"Redis not usable: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_service(settings: Settings, env: Mapping[str, str]) -> int:
@@ -170,7 +205,7 @@ def _redis(settings: Settings) -> Any:
     return Redis(decode_responses=True, **settings.redis.connection_kwargs())
 
 
-async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
+async def enqueue(settings: Settings, args: argparse.Namespace, timeout_s: float) -> int:
     try:
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
@@ -191,31 +226,65 @@ async def enqueue(settings: Settings, args: argparse.Namespace) -> int:
     opts: dict[str, Any] = {**DEFAULT_JOB_OPTS, "jobId": job_id_for(args.name)}
     if args.priority is not None:
         opts["priority"] = args.priority
-    queue = QueueClient(settings)
-    try:
+    async with _Queue(settings, timeout_s) as queue:
         if args.name in IDEMPOTENT_JOB_TYPES and isinstance(data, dict):
             key = idempotency_key(args.name, data)
-            cached = await queue.redis.get(key)
+            cached = await queue.step(queue.client.redis.get(key))
             if cached:
                 print(json.dumps({"cached": True, **json.loads(cached)}, ensure_ascii=False))
                 return 0
             opts["idempotencyKey"] = key
-        job_id = await queue.add(args.name, data, opts)
+        job_id = await queue.step(queue.client.add(args.name, data, opts))
         print(json.dumps({"jobId": job_id, "name": args.name}))
         if not args.wait:
             return 0
         return await _wait_for(queue, job_id, args.timeout)
-    finally:
-        await queue.close()
 
 
-async def _wait_for(queue: QueueClient, job_id: str, timeout_s: float) -> int:
+class _Queue:
+    """The CLI's queue client: INFO first (the cause at once when Redis cannot be used), then
+    every step bounded by `timeout_s`; a failed step raises RedisUnreachable saying why."""
+
+    def __init__(self, settings: Settings, timeout_s: float) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self._redis = bounded_client(settings.redis, timeout_s)
+        self.client = QueueClient(settings, self._redis)
+
+    async def __aenter__(self) -> _Queue:
+        try:
+            await server_info(self._redis, self.settings.redis, self.timeout_s)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.close()
+        except Exception as exc:  # closing is best effort: the answer is already out
+            logger.debug("closing the Redis connection: {}", exc)
+
+    async def step(self, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await call
+        except Exception as exc:
+            raise RedisUnreachable(*describe(exc, self.settings.redis, self.timeout_s)) from exc
+
+
+async def _wait_for(queue: _Queue, job_id: str, timeout_s: float) -> int:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        state = await queue.state(job_id)
+        state = await queue.step(queue.client.state(job_id))
         if state in ("completed", "failed", "unknown"):
             out: dict[str, Any] = {"jobId": job_id, "status": state}
-            out.update(await queue.job_fields(job_id) or {})
+            fields = await queue.step(queue.client.job_fields(job_id))
+            out.update(fields or {})
             print(node_json(out))
             return 0 if state == "completed" else 1
         await asyncio.sleep(0.2)
@@ -223,14 +292,11 @@ async def _wait_for(queue: QueueClient, job_id: str, timeout_s: float) -> int:
     return 1
 
 
-async def stats(settings: Settings) -> int:
-    queue = QueueClient(settings)
-    try:
-        counts = await queue.counts(*STATS_STATES)
+async def stats(settings: Settings, timeout_s: float) -> int:
+    async with _Queue(settings, timeout_s) as queue:
+        counts = await queue.step(queue.client.counts(*STATS_STATES))
         counts["total"] = sum(
             counts[k] for k in ("waiting", "active", "completed", "failed", "delayed")
         )
         print(json.dumps(counts))
         return 0
-    finally:
-        await queue.close()

@@ -554,10 +554,15 @@ class JobLost(RuntimeError):
 class QueueClient:
     """bullmq's `Queue`, for `python -m worker enqueue/stats`: add a job, read it back."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, connection: Redis | None = None) -> None:
+        """`connection`: a client of the caller's (the CLI passes one bounded in time, with no
+        retries); without one, bullmq's, which retries a dead Redis for minutes."""
         self._queue = Queue(
             settings.queue,
-            {"connection": settings.redis.connection_kwargs(), "prefix": settings.prefix},
+            {
+                "connection": connection or settings.redis.connection_kwargs(),
+                "prefix": settings.prefix,
+            },
         )
 
     @property

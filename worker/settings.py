@@ -73,6 +73,8 @@ class Settings:
     job_types: tuple[str, ...] | None = None  # None: every registered processor
     worker_name: str | None = None
     job_timeout_s: float = 600.0
+    # How long a CLI command (check, enqueue, stats) waits for Redis per step before it gives up.
+    cli_timeout_s: float = 5.0
     # Stable across restarts of the same replica: lets a restarted worker take back at once the
     # jobs its crashed predecessor held. RAILWAY_REPLICA_ID, else WORKER_NAME; None: off.
     instance_id: str | None = None
@@ -110,6 +112,7 @@ class Settings:
             job_types=tuple(t.strip() for t in job_types.split(",") if t.strip()) or None,
             worker_name=reader.text("WORKER_NAME", "") or None,
             job_timeout_s=reader.number("WORKER_JOB_TIMEOUT_S", 600.0, low=0.001),
+            cli_timeout_s=reader.number("WORKER_CLI_TIMEOUT_S", 5.0, low=0.1),
             instance_id=reader.text("RAILWAY_REPLICA_ID", "")
             or reader.text("WORKER_NAME", "")
             or None,

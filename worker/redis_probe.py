@@ -1,0 +1,129 @@
+"""Reaching Redis with the cause in words: bounded attempts, no hidden retries.
+
+redis-py retries as bullmq configures it (20 times, backoff up to 20 s) and counts a wrong
+password as a connection error, so a wrong password or a closed port turned into a silent hang,
+or into a bare `TimeoutError` once a deadline cut it. Here one attempt takes at most `timeout_s`
+and its failure is named: auth, refused, DNS, TLS, no answer. `check`, `enqueue`, `stats`,
+start-up and `scripts/ensure-redis.sh` all go through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.settings import RedisSettings
+
+# Kinds of failure that trying again cannot mend: start-up gives up on them at once.
+LASTING = frozenset({"auth", "tls", "protocol", "refused-command"})
+
+E = TypeVar("E", bound=BaseException)
+
+
+class RedisUnreachable(Exception):
+    """Redis cannot be used. `str()` is the cause in words (never a secret); `kind` is one of
+    auth, tls, refused, dns, timeout, protocol, refused-command, other."""
+
+    def __init__(self, cause: str, kind: str) -> None:
+        super().__init__(cause)
+        self.kind = kind
+
+    @property
+    def lasting(self) -> bool:
+        return self.kind in LASTING
+
+
+def bounded_client(redis: RedisSettings, timeout_s: float) -> Redis:
+    """A client whose every connect and reply waits at most `timeout_s`, with no retries."""
+    kwargs = {
+        **redis.connection_kwargs(),
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+    }
+    return Redis(decode_responses=True, retry=Retry(NoBackoff(), 0), **kwargs)
+
+
+async def server_info(client: Redis, redis: RedisSettings, timeout_s: float) -> dict[str, Any]:
+    """INFO from `client`, or RedisUnreachable saying why not, within `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return dict(await client.info())
+    except Exception as exc:
+        raise RedisUnreachable(*describe(exc, redis, timeout_s)) from exc
+
+
+async def probe(redis: RedisSettings, timeout_s: float) -> dict[str, Any]:
+    """One attempt on a connection of its own: INFO, or RedisUnreachable with the cause."""
+    client = bounded_client(redis, timeout_s)
+    try:
+        return await server_info(client, redis, timeout_s)
+    finally:
+        await client.aclose()
+
+
+def describe(exc: BaseException, redis: RedisSettings, timeout_s: float) -> tuple[str, str]:
+    """(cause in words, kind) for a failure to use Redis. Names the setting, never its value."""
+    where = f"{redis.host}:{redis.port}"
+    source = "the default URL" if redis.source == "default" else redis.source
+    chain = list(_chain(exc))
+    if auth := _find(chain, AuthenticationError) or _auth_reply(chain):
+        if redis.password is None:
+            return f"Redis at {where} wants a password and {source} gives none", "auth"
+        return (
+            f"authentication failed at {where}: {auth} (check the user name and password in "
+            f"{source})",
+            "auth",
+        )
+    if tls := _find(chain, ssl.SSLError):
+        return f"TLS failed with {where}: {tls.reason or tls}", "tls"
+    if _find(chain, ConnectionRefusedError):
+        return (
+            f"connection refused by {where}: nothing listens there (Redis down, or the wrong "
+            f"host or port in {source})",
+            "refused",
+        )
+    if dns := _find(chain, socket.gaierror):
+        return f"host {redis.host!r} not found (DNS: {dns.strerror}); check {source}", "dns"
+    if _find(chain, RedisTimeoutError) or _find(chain, TimeoutError):
+        hint = (
+            "TLS handshake unanswered: does this port speak TLS?"
+            if redis.tls
+            else "a firewall, the wrong host, or a TLS-only port (that needs rediss://)"
+        )
+        return f"no answer from {where} within {timeout_s:g} s ({hint})", "timeout"
+    if bad := _find(chain, InvalidResponse):
+        hint = "" if redis.tls else "; a TLS-only port needs rediss://"
+        return f"{where} does not answer like Redis ({bad}{hint})", "protocol"
+    if refused := _find(chain, ResponseError):
+        return f"Redis at {where} refused: {refused}", "refused-command"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__, "other"
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _find(chain: list[BaseException], kind: type[E]) -> E | None:
+    return next((e for e in chain if isinstance(e, kind)), None)
+
+
+def _auth_reply(chain: list[BaseException]) -> ResponseError | None:
+    """NOAUTH / WRONGPASS replies that redis-py leaves as plain ResponseError."""
+    for e in chain:
+        if isinstance(e, ResponseError) and str(e).split(" ", 1)[0] in ("NOAUTH", "WRONGPASS"):
+            return e
+    return None
