@@ -15,23 +15,25 @@ PY
 )
 read -r host port <<<"$target"
 
-if "$PY" - <<'PY'
+# 0: Redis answers. 3: nothing listens there (we may start one). 1: something answers but is not
+# usable (wrong password, TLS, not Redis): starting another redis-server would not help.
+status=0
+"$PY" - <<'PY' || status=$?
 import asyncio, os, sys
-from redis.asyncio import Redis
+from worker.redis_probe import RedisUnreachable, probe
 from worker.settings import redis_settings_from_env
-async def ping() -> bool:
-    client = Redis(**{**redis_settings_from_env(os.environ).connection_kwargs(), "socket_connect_timeout": 2})
-    try:
-        return bool(await client.ping())
-    except Exception:
-        return False
-    finally:
-        await client.aclose()
-sys.exit(0 if asyncio.run(ping()) else 1)
+try:
+    asyncio.run(probe(redis_settings_from_env(os.environ), 2.0))
+except RedisUnreachable as exc:
+    if exc.kind != "refused":
+        print(f"Redis not usable: {exc}", file=sys.stderr)
+    sys.exit(3 if exc.kind == "refused" else 1)
 PY
-then
-  exit 0
-fi
+case "$status" in
+  0) exit 0 ;;
+  3) ;;
+  *) exit 1 ;;
+esac
 
 case "$host" in
   127.0.0.1|localhost|::1) ;;

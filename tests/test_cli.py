@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -12,7 +14,7 @@ import pytest
 
 from tests.support.harness import running_service, settings_for
 from tests.support.node_bridge import NodeBridge
-from tests.support.proc import WorkerProcess
+from tests.support.proc import REPO_ROOT, WorkerProcess
 from tests.support.redis_server import free_port, private_redis
 
 
@@ -34,9 +36,32 @@ async def test_check_says_fit_to_run(redis_url: str, queue_name: str) -> None:
 
 async def test_check_fails_when_redis_is_unreachable(queue_name: str) -> None:
     env = env_for(f"redis://127.0.0.1:{free_port()}", queue_name)
-    code, out = await run_cli(env, "check")
+    code, out, took = await timed_cli(env, "check")
     assert code == 1
-    assert "redis unreachable" in out and "NOT fit to run" in out
+    assert "redis unreachable: connection refused by 127.0.0.1" in out and "NOT fit to run" in out
+    assert took < 3, took  # was 5.6 s: redis-py's retries, cut by a 5 s wait
+
+
+async def test_check_names_a_wrong_password_at_once(password_redis: str, queue_name: str) -> None:
+    env = env_for(password_redis.replace("right-pass-123", "wrong-pass-456"), queue_name)
+    code, out, took = await timed_cli(env, "check")
+    assert code == 1
+    assert "redis unreachable: authentication failed at 127.0.0.1" in out, out
+    assert "check the user name and password in REDIS_URL" in out
+    assert "wrong-pass-456" not in out and took < 3
+
+
+def test_make_run_with_a_wrong_password_says_so_and_starts_no_redis(password_redis: str) -> None:
+    wrong = password_redis.replace("right-pass-123", "wrong-pass-456")
+    port = wrong.rsplit(":", 1)[1]
+    done = subprocess.run(
+        ["scripts/ensure-redis.sh"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+        env={"PATH": os.environ["PATH"], "REDIS_URL": wrong},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "authentication failed" in done.stderr and "REDIS_URL" in done.stderr, done.stderr
+    assert "starting a private redis-server" not in done.stderr
+    assert not (REPO_ROOT / ".run" / f"redis-{port}.pid").exists()
 
 
 async def test_check_names_a_missing_credential(redis_url: str, queue_name: str) -> None:

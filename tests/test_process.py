@@ -166,6 +166,35 @@ async def test_unreachable_redis_at_start_up_exits_non_zero_and_says_why(queue_n
     assert "Redis not usable at start-up" in proc.output
 
 
+async def test_a_wrong_password_stops_start_up_at_once_naming_it(queue_name: str) -> None:
+    with private_redis(password="right-pass-123") as url:
+        wrong = url.replace("right-pass-123", "wrong-pass-456")
+        proc = await WorkerProcess.start(worker_env(wrong, queue_name, WORKER_STARTUP_TIMEOUT_S=30))
+        began = time.monotonic()
+        code = await proc.wait(timeout=40)
+    assert code == 1, proc.output
+    assert time.monotonic() - began < 5  # not after the 30 s start-up timeout
+    assert "Cannot start: Redis not usable at start-up: authentication failed" in proc.output
+    assert "REDIS_URL" in proc.output and "wrong-pass-456" not in proc.output
+
+
+async def test_a_refused_connection_is_named_at_once_and_when_giving_up(queue_name: str) -> None:
+    from tests.support.redis_server import free_port
+
+    port = free_port()
+    env = worker_env(f"redis://127.0.0.1:{port}", queue_name, WORKER_STARTUP_TIMEOUT_S=4)
+    proc = await WorkerProcess.start(env)
+    await proc.wait_for_line("Health check server listening")
+    began = time.monotonic()
+    await proc.wait_for_line(f"Redis not reachable yet: connection refused by 127.0.0.1:{port}")
+    assert time.monotonic() - began < 1.5
+    assert await proc.wait(timeout=20) == 1
+    assert (
+        f"Cannot start: Redis not usable at start-up: connection refused by 127.0.0.1:{port}"
+        in (proc.output)
+    )
+
+
 async def test_sigterm_while_connecting_exits_0_at_once(queue_name: str) -> None:
     from tests.support.redis_server import free_port
 

@@ -18,7 +18,14 @@ from worker.errors import ConfigError, JobError
 from worker.idempotency import idempotency_key
 from worker.logs import secrets_from_env, setup_logging
 from worker.protocol import QueueClient
-from worker.redis_probe import RedisUnreachable, bounded_client, describe, server_info
+from worker.redis_probe import (
+    RedisUnreachable,
+    bounded_client,
+    describe,
+    eviction_problem,
+    probe,
+    server_info,
+)
 from worker.results import node_json
 from worker.settings import Settings
 
@@ -99,7 +106,7 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
         return run_service(settings, env)
     timeout_s = args.redis_timeout or settings.cli_timeout_s
     if command == "check":
-        return asyncio.run(check(settings, env))
+        return asyncio.run(check(settings, env, timeout_s))
     if command == "enqueue":
         return _with_redis(enqueue(settings, args, timeout_s))
     if command == "stats":
@@ -147,7 +154,7 @@ def _check_contract_coverage(names: list[str], contract: Contract) -> None:
         raise ValueError(f"no contract schema for job types: {', '.join(missing)}")
 
 
-async def check(settings: Settings, env: Mapping[str, str]) -> int:
+async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) -> int:
     """Print what the service would run with; exit 1 if anything would stop it."""
     from processors import build_registry
 
@@ -164,21 +171,14 @@ async def check(settings: Settings, env: Mapping[str, str]) -> int:
         f"grace {s.shutdown_grace_s:g} s",
     )
     line("ok", f"redis: {s.redis.redacted_url} (from {s.redis.source})")
-    client = _redis(settings)
     try:
-        info = await asyncio.wait_for(client.info(), timeout=5)
+        info = await probe(s.redis, timeout_s)
         line("ok", f"redis answers: version {info.get('redis_version')}")
-        policy = info.get("maxmemory_policy")
-        if policy != "noeviction":
-            line(
-                "warn",
-                f"redis maxmemory-policy is {policy}; BullMQ needs noeviction or jobs vanish",
-            )
-    except Exception as exc:
-        line("FAIL", f"redis unreachable: {type(exc).__name__}: {exc}")
+        if problem := eviction_problem(info):
+            line("warn", problem)
+    except RedisUnreachable as exc:
+        line("FAIL", f"redis unreachable: {exc}")
         ok = False
-    finally:
-        await client.aclose()
     try:
         registry = build_registry(env, s.job_types)
         contract = Contract.load()
@@ -197,12 +197,6 @@ async def check(settings: Settings, env: Mapping[str, str]) -> int:
         ok = False
     print("fit to run" if ok else "NOT fit to run")
     return 0 if ok else 1
-
-
-def _redis(settings: Settings) -> Any:
-    from redis.asyncio import Redis
-
-    return Redis(decode_responses=True, **settings.redis.connection_kwargs())
 
 
 async def enqueue(settings: Settings, args: argparse.Namespace, timeout_s: float) -> int:

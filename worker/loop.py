@@ -34,6 +34,7 @@ from worker.protocol import (
     now_ms,
     stack_of,
 )
+from worker.redis_probe import RedisUnreachable, wait_until_reachable
 from worker.results import node_json
 from worker.settings import Settings
 from worker.stats import Stats
@@ -101,10 +102,17 @@ class JobLoop:
         """Connect, recover stalled jobs (as Node does at start-up), then run the slots.
 
         redis-py would retry an unreachable Redis for minutes while /health says "healthy";
-        failing after `connect_timeout_s` lets the platform restart us and say why.
+        failing after `connect_timeout_s` lets the platform restart us and say why. A wrong
+        password or TLS failure ends start-up at once; refused, DNS and silence are logged at
+        once and tried again until then (redis_probe.wait_until_reachable).
         """
+        deadline = time.monotonic() + connect_timeout_s
         try:
-            await asyncio.wait_for(self._connect(), timeout=connect_timeout_s)
+            await wait_until_reachable(self.settings.redis, connect_timeout_s)
+        except RedisUnreachable as exc:
+            raise RedisUnavailable(f"Redis not usable at start-up: {exc}") from exc
+        try:
+            await asyncio.wait_for(self._connect(), timeout=max(deadline - time.monotonic(), 1))
         except (TimeoutError, OSError, RedisError) as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise RedisUnavailable(

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+from loguru import logger
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -25,6 +27,9 @@ from worker.settings import RedisSettings
 
 # Kinds of failure that trying again cannot mend: start-up gives up on them at once.
 LASTING = frozenset({"auth", "tls", "protocol", "refused-command"})
+# Start-up: how long one attempt may take, and the pause between attempts.
+ATTEMPT_S = 5.0
+RETRY_S = 1.0
 
 E = TypeVar("E", bound=BaseException)
 
@@ -68,6 +73,37 @@ async def probe(redis: RedisSettings, timeout_s: float) -> dict[str, Any]:
         return await server_info(client, redis, timeout_s)
     finally:
         await client.aclose()
+
+
+async def wait_until_reachable(redis: RedisSettings, timeout_s: float) -> dict[str, Any]:
+    """Start-up: a lasting cause (auth, TLS) fails at once; a passing one (refused, DNS, no
+    answer: Redis restarting, a network not up yet) is logged at once and tried again every
+    second until `timeout_s`. Warns when the eviction policy can lose jobs."""
+    deadline = time.monotonic() + timeout_s
+    said = ""
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            info = await probe(redis, max(min(left, ATTEMPT_S), 0.1))
+            break
+        except RedisUnreachable as exc:
+            left = deadline - time.monotonic()
+            if exc.lasting or left <= RETRY_S:
+                raise
+            if str(exc) != said:
+                said = str(exc)
+                logger.warning("Redis not reachable yet: {}; trying for {:.0f} s more", exc, left)
+            await asyncio.sleep(RETRY_S)
+    if problem := eviction_problem(info):
+        logger.warning(problem)
+    return info
+
+
+def eviction_problem(info: dict[str, Any]) -> str | None:
+    policy = info.get("maxmemory_policy")
+    if policy in (None, "noeviction"):
+        return None
+    return f"Redis maxmemory-policy is {policy}; BullMQ needs noeviction or jobs can vanish"
 
 
 def describe(exc: BaseException, redis: RedisSettings, timeout_s: float) -> tuple[str, str]:
