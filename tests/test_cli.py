@@ -64,6 +64,27 @@ def test_make_run_with_a_wrong_password_says_so_and_starts_no_redis(password_red
     assert not (REPO_ROOT / ".run" / f"redis-{port}.pid").exists()
 
 
+async def test_check_fails_when_the_health_port_is_taken(redis_url: str, queue_name: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = await run_cli({**env_for(redis_url, queue_name), "PORT": str(port)}, "check")
+    assert code == 1 and "NOT fit to run" in out
+    assert f"[FAIL] PORT: health port {port} cannot be bound" in out, out
+
+
+async def test_check_inside_a_running_service_accepts_its_own_health_port(
+    redis_url: str, queue_name: str
+) -> None:
+    async with running_service(settings_for(redis_url, queue_name)) as service:
+        assert service.health is not None
+        env = {**env_for(redis_url, queue_name), "WORKER_HEALTH_PORT": str(service.health.port)}
+        code, out = await run_cli(env, "check")
+    assert code == 0, out
+    assert f"health port {service.health.port}: held by a running worker (pid " in out
+
+
 async def test_check_names_a_missing_credential(redis_url: str, queue_name: str) -> None:
     env = {**env_for(redis_url, queue_name), "WORKER_JOB_TYPES": "ping,generate-flashcards"}
     code, out = await run_cli(env, "check")

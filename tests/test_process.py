@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from typing import Any
 
@@ -193,6 +194,25 @@ async def test_a_refused_connection_is_named_at_once_and_when_giving_up(queue_na
         f"Cannot start: Redis not usable at start-up: connection refused by 127.0.0.1:{port}"
         in (proc.output)
     )
+
+
+@pytest.mark.parametrize("variable", ["WORKER_HEALTH_PORT", "PORT"])
+async def test_a_taken_health_port_is_a_configuration_error_naming_it(
+    variable: str, redis_url: str, queue_name: str
+) -> None:
+    env = worker_env(redis_url, queue_name)
+    del env["WORKER_HEALTH_PORT"]
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        env[variable] = str(taken.getsockname()[1])
+        proc = await WorkerProcess.start(env)
+        code = await proc.wait(timeout=30)
+    assert code == 2, proc.output
+    assert f"Configuration error: {variable}: health port {env[variable]} cannot be bound" in (
+        proc.output
+    )
+    assert "Traceback" not in proc.output
 
 
 async def test_sigterm_while_connecting_exits_0_at_once(queue_name: str) -> None:

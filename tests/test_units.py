@@ -39,6 +39,12 @@ def test_settings_read_every_documented_variable() -> None:
     assert s.limiter == {"max": 4, "duration": 500}
     assert (s.health_port, s.shutdown_grace_s, s.log_format) == (4000, 9.5, "json")
     assert Settings.from_env({"PORT": "5000"}).health_port == 5000
+    # Which variable to name when the port cannot be bound.
+    assert Settings.from_env({"PORT": "5000"}).health_port_variable == "PORT"
+    assert Settings.from_env({"PORT": "5000", "WORKER_HEALTH_PORT": "1"}).health_port_variable == (
+        "WORKER_HEALTH_PORT"
+    )
+    assert Settings.from_env({}).health_port_variable == "WORKER_HEALTH_PORT"
 
 
 def test_redis_precedence_and_url_parts() -> None:

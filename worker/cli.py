@@ -170,6 +170,9 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
         f"limiter {s.limiter or 'off'}, health port {s.health_port}, "
         f"grace {s.shutdown_grace_s:g} s",
     )
+    status, text = await _health_port(s)
+    ok = ok and status != "FAIL"
+    line(status, text)
     line("ok", f"redis: {s.redis.redacted_url} (from {s.redis.source})")
     try:
         info = await probe(s.redis, timeout_s)
@@ -197,6 +200,38 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
         ok = False
     print("fit to run" if ok else "NOT fit to run")
     return 0 if ok else 1
+
+
+async def _health_port(s: Settings) -> tuple[str, str]:
+    """Can the service bind its health port? Inside a running service (`railway ssh … check`)
+    the port is the service's own: that is fine, and said."""
+    from worker.health import listening_socket
+
+    try:
+        listening_socket(s.health_port).close()
+    except OSError as exc:
+        pid = await _worker_on(s.health_port)
+        if pid is not None:
+            return "ok", f"health port {s.health_port}: held by a running worker (pid {pid})"
+        return "FAIL", str(s.health_port_error(exc))
+    return "ok", f"health port {s.health_port} can be bound"
+
+
+async def _worker_on(port: int) -> int | None:
+    """The pid of the worker whose /health answers on `port`, if one does."""
+    import aiohttp
+
+    try:
+        timeout = aiohttp.ClientTimeout(total=1)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                body = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    if isinstance(body, dict) and body.get("service") == "worker":
+        pid = body.get("pid")
+        return pid if isinstance(pid, int) else None
+    return None
 
 
 async def enqueue(settings: Settings, args: argparse.Namespace, timeout_s: float) -> int:

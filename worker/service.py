@@ -15,6 +15,7 @@ from loguru import logger
 from worker import __version__
 from worker.contract import Contract
 from worker.dispatch import Dispatcher, state_key_for
+from worker.errors import ConfigError
 from worker.health import HealthServer, QueueProbe
 from worker.loop import JobLoop, RedisUnavailable
 from worker.protocol import QueueProtocol
@@ -75,6 +76,10 @@ class Service:
                 logger.error("Cannot start: {}", exc)
                 self.exit_code = 1
                 self._stop.set()
+            except ConfigError as exc:
+                logger.error("Configuration error: {}", exc)
+                self.exit_code = 2
+                self._stop.set()
             await self._stop.wait()
             stop.cancel()
         finally:
@@ -128,7 +133,10 @@ class Service:
         for spec in self.registry:
             for note in spec.notes:
                 logger.warning("{}: {}", spec.name, note)
-        port = await health.start()
+        try:
+            port = await health.start()
+        except OSError as exc:
+            raise s.health_port_error(exc) from exc
         logger.info("Health check server listening on port {}", port)
         await worker.start(s.startup_timeout_s)
         logger.info("Worker initialization complete, waiting for jobs...")

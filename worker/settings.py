@@ -64,6 +64,7 @@ class Settings:
     stalled_interval_ms: int = 30_000
     max_stalled_count: int = 1
     health_port: int = 3002
+    health_port_variable: str = "WORKER_HEALTH_PORT"  # where health_port came from: or PORT
     shutdown_grace_s: float = 25.0
     startup_timeout_s: float = 30.0
     ready_stall_s: float = 120.0
@@ -83,6 +84,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         reader = _Reader(env)
         health_port = reader.integer("WORKER_HEALTH_PORT", None, low=0, high=65535)
+        health_port_variable = "WORKER_HEALTH_PORT"
+        if health_port is None and reader.integer("PORT", None) is not None:
+            health_port_variable = "PORT"
         if health_port is None:
             health_port = reader.integer("PORT", 3002, low=0, high=65535)
         log_format = reader.choice("LOG_FORMAT", "text", ("text", "json"))
@@ -103,6 +107,7 @@ class Settings:
             stalled_interval_ms=reader.integer("WORKER_STALLED_INTERVAL_MS", 30_000, low=1000),
             max_stalled_count=reader.integer("WORKER_MAX_STALLED_COUNT", 1, low=0, high=100),
             health_port=health_port,
+            health_port_variable=health_port_variable,
             shutdown_grace_s=reader.number("WORKER_SHUTDOWN_GRACE_S", 25.0, low=0.0),
             startup_timeout_s=reader.number("WORKER_STARTUP_TIMEOUT_S", 30.0, low=1.0),
             ready_stall_s=reader.number("WORKER_READY_STALL_S", 120.0, low=1.0),
@@ -116,6 +121,16 @@ class Settings:
             instance_id=reader.text("RAILWAY_REPLICA_ID", "")
             or reader.text("WORKER_NAME", "")
             or None,
+        )
+
+    def health_port_error(self, exc: OSError) -> ConfigError:
+        """A health port that cannot be bound is a setting to change: say which one."""
+        variable = self.health_port_variable
+        other = "PORT" if variable == "WORKER_HEALTH_PORT" else "WORKER_HEALTH_PORT"
+        return ConfigError(
+            variable,
+            f"health port {self.health_port} cannot be bound ({exc.strerror or exc}); another "
+            f"process holds it? Set {variable} (or {other}) to a free port",
         )
 
     @property
