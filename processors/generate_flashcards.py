@@ -17,10 +17,11 @@ from openai import AsyncOpenAI
 from processors.shared.budget import Budget, estimate_tokens
 from processors.shared.openai_client import OpenAISettings, complete_json, make_client
 from processors.shared.strict_schema import to_strict
+from processors.shared.supabase_client import SupabaseSettings
 from worker.context import JobContext
 from worker.contract import load_schema
 from worker.contract_types import Flashcard, FlashcardsPayload, FlashcardsResult
-from worker.errors import ConfigError, RetryableJobError
+from worker.errors import ConfigError, ConfigProblems, RetryableJobError
 from worker.registry import ProcessorSpec
 
 JOB_NAME = "generate-flashcards"
@@ -74,10 +75,16 @@ Reply with the flashcards only, in the required JSON format."""
 
 
 def build(env: Mapping[str, str]) -> ProcessorSpec:
-    """Clients from `env`; ConfigError for a missing OpenAI key or half a Supabase setup."""
-    settings = OpenAISettings.from_env(env)
-    schema = reply_schema(load_card_defs())
-    budget = Budget.from_env(env)
+    """Clients from `env`; ConfigError for a missing OpenAI key or half a Supabase setup (every
+    problem at once), before any client is made."""
+    problems = ConfigProblems()
+    settings = problems.take(lambda: OpenAISettings.from_env(env))
+    supabase = problems.take(lambda: SupabaseSettings.from_env(env))
+    defs = problems.take(load_card_defs)
+    problems.raise_any()
+    assert settings is not None and defs is not None
+    schema = reply_schema(defs)
+    budget = Budget.from_settings(supabase)
     client = make_client(settings)
     processor = FlashcardsProcessor(settings, client, budget, schema)
     return ProcessorSpec(

@@ -71,11 +71,11 @@ from processors.shared.lesson_steps import (
 )
 from processors.shared.lesson_store import LessonStore
 from processors.shared.openai_client import OpenAISettings, complete_json, make_client
-from processors.shared.supabase_client import KEY_VARIABLES, URL_VARIABLES
+from processors.shared.supabase_client import KEY_VARIABLES, URL_VARIABLES, SupabaseSettings
 from worker.context import JobContext
 from worker.contract_types import LessonResult
 from worker.errors import (
-    ConfigError,
+    ConfigProblems,
     JobError,
     PermanentJobError,
     RateLimited,
@@ -138,16 +138,22 @@ def target_language(value: Any) -> str:
 
 
 def build(env: Mapping[str, str]) -> ProcessorSpec:
-    """ConfigError without an OpenAI key or without Supabase (the lessons are written there)."""
-    settings = OpenAISettings.from_env(env)
-    budget = Budget.from_env(env)  # ConfigError for half a Supabase configuration
-    if not budget.enabled:
-        raise ConfigError(
+    """ConfigError without an OpenAI key or without Supabase (the lessons are written there):
+    every problem at once, before any client is made."""
+    problems = ConfigProblems()
+    settings = problems.take(lambda: OpenAISettings.from_env(env))
+    supabase = problems.take(lambda: SupabaseSettings.from_env(env))
+    if supabase is None and not any(e.variable in (*URL_VARIABLES, *KEY_VARIABLES)
+                                    for e in problems.errors):  # fmt: skip
+        problems.add(
             URL_VARIABLES[-1],
             f"{JOB_NAME} writes esp_lessons rows: set {' or '.join(URL_VARIABLES)} "
             f"and {' or '.join(KEY_VARIABLES)}",
         )
-    defs = load_step_defs(JOB_NAME, CONTRACT_RESULT_SCHEMA)
+    defs = problems.take(lambda: load_step_defs(JOB_NAME, CONTRACT_RESULT_SCHEMA))
+    problems.raise_any()
+    assert settings is not None and defs is not None
+    budget = Budget.from_settings(supabase)
     processor = LessonProcessor(settings, make_client(settings), budget, defs)
     return ProcessorSpec(
         name=JOB_NAME,

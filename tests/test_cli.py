@@ -92,6 +92,28 @@ async def test_check_names_a_missing_credential(redis_url: str, queue_name: str)
     assert "OPENAI_API_KEY" in out
 
 
+async def test_check_lists_every_problem_at_once(redis_url: str, queue_name: str) -> None:
+    env = {
+        **env_for(redis_url, queue_name), "SUPABASE_URL": "https://x.supabase.co",
+        "WORKER_JOB_TYPES": "ping,generate-flashcards,generate-lesson", "OPENAI_TIMEOUT_S": "soon",
+    }  # fmt: skip
+    code, out = await run_cli(env, "check")
+    assert code == 1 and "NOT fit to run" in out
+    for job in ("generate-flashcards", "generate-lesson"):
+        for variable in ("OPENAI_API_KEY", "OPENAI_TIMEOUT_S", "SUPABASE_SERVICE_ROLE_KEY"):
+            assert f"[FAIL] processor {job}: {variable}: " in out, out
+    assert "processor ping:" in out  # the processors that build are still listed
+
+
+async def test_malformed_settings_are_all_named_at_once(queue_name: str) -> None:
+    env = {"WORKER_QUEUE": queue_name, "WORKER_CONCURRENCY": "lots", "LOG_LEVEL": "loud",
+           "REDIS_URL": "http://x:1", "PORT": "-1"}  # fmt: skip
+    code, out = await run_cli(env, "check")
+    assert code == 2
+    for variable in ("WORKER_CONCURRENCY", "LOG_LEVEL", "REDIS_URL", "PORT"):
+        assert f"Configuration error: {variable}: " in out, out
+
+
 async def test_enqueue_wait_adds_like_the_web_service_and_prints_the_result(
     node6: NodeBridge, redis_url: str, queue_name: str
 ) -> None:

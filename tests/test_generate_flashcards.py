@@ -615,6 +615,14 @@ def test_missing_openai_key_names_both_variables() -> None:
     assert "EXPO_PUBLIC_OPENAI_API_KEY" in str(caught.value)
 
 
+def test_every_configuration_problem_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        gf.build({"OPENAI_BASE_URL": "localhost:8080", "SUPABASE_URL": "https://x.supabase.co"})
+    assert [e.variable for e in caught.value.each] == [
+        "OPENAI_API_KEY", "OPENAI_BASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("env", "variable"),
     [

@@ -98,7 +98,8 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
     try:
         settings = Settings.from_env(env)
     except ConfigError as exc:
-        print(f"Configuration error: {exc}", file=sys.stderr)
+        for problem in exc.each:
+            print(f"Configuration error: {problem}", file=sys.stderr)
         return 2
     secrets = secrets_from_env(env, [settings.redis.password])
     setup_logging(settings.log_format, settings.log_level, secrets)
@@ -131,7 +132,11 @@ def run_service(settings: Settings, env: Mapping[str, str]) -> int:
         registry = build_registry(env, settings.job_types)
         contract = Contract.load()
         _check_contract_coverage(registry.names(), contract)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
+        for problem in exc.each:
+            logger.error("Cannot start: {}", problem)
+        return 2
+    except ValueError as exc:
         logger.error("Cannot start: {}", exc)
         return 2
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
@@ -156,7 +161,7 @@ def _check_contract_coverage(names: list[str], contract: Contract) -> None:
 
 async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) -> int:
     """Print what the service would run with; exit 1 if anything would stop it."""
-    from processors import build_registry
+    from processors import build_each
 
     ok = True
 
@@ -183,21 +188,28 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
         line("FAIL", f"redis unreachable: {exc}")
         ok = False
     try:
-        registry = build_registry(env, s.job_types)
-        contract = Contract.load()
-        for spec in registry:
-            covered = contract.has(spec.name)
-            ok = ok and covered
-            line(
-                "ok" if covered else "FAIL",
-                f"processor {spec.name}: {spec.description}"
-                + ("" if covered else " (no contract schema)"),
-            )
-            for note in spec.notes:
-                line("warn", f"{spec.name}: {note}")
-    except (ConfigError, ValueError) as exc:
+        built = build_each(env, s.job_types)
+    except ValueError as exc:
         line("FAIL", f"processors: {exc}")
-        ok = False
+        built, ok = [], False
+    contract = Contract.load()
+    for name, spec in built:
+        if isinstance(spec, ConfigError):  # every problem, each on its line
+            for error in spec.each:
+                line("FAIL", f"processor {name}: {error}")
+            ok = False
+            continue
+        covered = contract.has(spec.name)
+        ok = ok and covered
+        line(
+            "ok" if covered else "FAIL",
+            f"processor {spec.name}: {spec.description}"
+            + ("" if covered else " (no contract schema)"),
+        )
+        for note in spec.notes:
+            line("warn", f"{spec.name}: {note}")
+        if spec.aclose is not None:
+            await spec.aclose()
     print("fit to run" if ok else "NOT fit to run")
     return 0 if ok else 1
 

@@ -2,6 +2,7 @@
 
     WorkerError
     ├── ConfigError              bad or missing setting at start-up; names the variable
+    │   └── ConfigErrors         several at once, each naming its variable (`each`)
     └── JobError                 raised while a job runs
         ├── PermanentJobError    fail the job now, no retry (BullMQ UnrecoverableError)
         │   ├── UnknownJobType   no processor registered for the job's name
@@ -18,6 +19,11 @@ Any other exception a processor raises is treated like RetryableJobError.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class WorkerError(Exception):
     """Root of every error this package raises on purpose."""
@@ -30,6 +36,50 @@ class ConfigError(WorkerError):
         super().__init__(f"{variable}: {problem}")
         self.variable = variable
         self.problem = problem
+
+    @property
+    def each(self) -> list[ConfigError]:
+        return [self]
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found, not the first only: one restart per fix is slow to learn from."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        self.errors = [e for error in errors for e in error.each]
+        super().__init__(self.errors[0].variable, self.errors[0].problem)
+        self.args = ("; ".join(str(e) for e in self.errors),)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def each(self) -> list[ConfigError]:
+        return list(self.errors)
+
+
+class ConfigProblems:
+    """Collects ConfigErrors while reading settings, to raise them all at the end."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def take(self, read: Callable[[], T]) -> T | None:
+        """`read()`, or None with its ConfigError noted."""
+        try:
+            return read()
+        except ConfigError as exc:
+            self.errors.extend(exc.each)
+            return None
+
+    def add(self, variable: str, problem: str) -> None:
+        self.errors.append(ConfigError(variable, problem))
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ConfigErrors(self.errors)
 
 
 class JobError(WorkerError):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, ConfigProblems
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
@@ -83,19 +83,22 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         reader = _Reader(env)
+        redis = reader.problems.take(lambda: redis_settings_from_env(env))
         health_port = reader.integer("WORKER_HEALTH_PORT", None, low=0, high=65535)
         health_port_variable = "WORKER_HEALTH_PORT"
-        if health_port is None and reader.integer("PORT", None) is not None:
-            health_port_variable = "PORT"
         if health_port is None:
-            health_port = reader.integer("PORT", 3002, low=0, high=65535)
+            health_port = reader.integer("PORT", None, low=0, high=65535)
+            if health_port is not None:
+                health_port_variable = "PORT"
+        if health_port is None:
+            health_port = 3002
         log_format = reader.choice("LOG_FORMAT", "text", ("text", "json"))
         log_level = reader.choice(
             "LOG_LEVEL", "INFO", ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR")
         )
         job_types = reader.text("WORKER_JOB_TYPES", "")
-        return cls(
-            redis=redis_settings_from_env(env),
+        settings = cls(
+            redis=redis or RedisSettings(),
             queue=reader.text("WORKER_QUEUE", "ai-jobs", required=True),
             prefix=reader.text("WORKER_PREFIX", "bull", required=True),
             concurrency=reader.integer("WORKER_CONCURRENCY", 3, low=1, high=1000),
@@ -122,6 +125,8 @@ class Settings:
             or reader.text("WORKER_NAME", "")
             or None,
         )
+        reader.problems.raise_any()
+        return settings
 
     def health_port_error(self, exc: OSError) -> ConfigError:
         """A health port that cannot be bound is a setting to change: say which one."""
@@ -148,7 +153,7 @@ def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
             return parse_redis_url(value, source=name)
     reader = _Reader(env)
     if env.get("REDIS_HOST", "").strip():
-        return RedisSettings(
+        settings = RedisSettings(
             host=reader.text("REDIS_HOST", "127.0.0.1"),
             port=reader.integer("REDIS_PORT", 6379, low=1, high=65535),
             db=reader.integer("REDIS_DB", 0, low=0, high=10_000),
@@ -157,6 +162,8 @@ def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
             tls=reader.choice("REDIS_TLS", "false", ("true", "false", "1", "0")) in ("true", "1"),
             source="REDIS_HOST",
         )
+        reader.problems.raise_any()
+        return settings
     return parse_redis_url(DEFAULT_REDIS_URL, source="default")
 
 
@@ -187,10 +194,12 @@ def parse_redis_url(url: str, source: str) -> RedisSettings:
 
 
 class _Reader:
-    """Reads typed values from the mapping; every failure names the variable."""
+    """Reads typed values from the mapping; every failure names the variable. A malformed value
+    is noted and its default used, so that one `from_env` reports every problem at once."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], problems: ConfigProblems | None = None) -> None:
         self.env = env
+        self.problems = problems or ConfigProblems()
 
     def _raw(self, name: str) -> str | None:
         value = self.env.get(name)
@@ -198,10 +207,14 @@ class _Reader:
             return None
         return value.strip()
 
+    def _bad(self, name: str, problem: str, default: Any) -> Any:
+        self.problems.add(name, problem)
+        return default
+
     def text(self, name: str, default: str, required: bool = False) -> str:
         raw = self._raw(name)
         if raw is None and required and name in self.env:
-            raise ConfigError(name, "must not be empty")
+            return str(self._bad(name, "must not be empty", default))
         return raw if raw is not None else default
 
     def integer(
@@ -213,9 +226,8 @@ class _Reader:
         try:
             value = int(raw)
         except ValueError:
-            raise ConfigError(name, f"expected a whole number, got {raw!r}") from None
-        _check_range(name, value, low, high)
-        return value
+            return self._bad(name, f"expected a whole number, got {raw!r}", default)
+        return self._in_range(name, value, default, low, high)
 
     def number(self, name: str, default: float, low: float | None = None) -> float:
         raw = self._raw(name)
@@ -224,11 +236,10 @@ class _Reader:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(name, f"expected a number, got {raw!r}") from None
+            return float(self._bad(name, f"expected a number, got {raw!r}", default))
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(name, f"expected a finite number, got {raw!r}")
-        _check_range(name, value, low, None)
-        return value
+            return float(self._bad(name, f"expected a finite number, got {raw!r}", default))
+        return float(self._in_range(name, value, default, low, None))
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         raw = self._raw(name)
@@ -237,11 +248,13 @@ class _Reader:
         for option in allowed:
             if raw.lower() == option.lower():
                 return option
-        raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {raw!r}")
+        return str(self._bad(name, f"expected one of {', '.join(allowed)}, got {raw!r}", default))
 
-
-def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
-    if low is not None and value < low:
-        raise ConfigError(name, f"must be at least {low}, got {value}")
-    if high is not None and value > high:
-        raise ConfigError(name, f"must be at most {high}, got {value}")
+    def _in_range(
+        self, name: str, value: float, default: Any, low: float | None, high: float | None
+    ) -> Any:
+        if low is not None and value < low:
+            return self._bad(name, f"must be at least {low}, got {value}", default)
+        if high is not None and value > high:
+            return self._bad(name, f"must be at most {high}, got {value}", default)
+        return value

@@ -95,7 +95,11 @@ class Budget:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Budget:
         """ConfigError for half a Supabase configuration; disabled when there is none."""
-        settings = SupabaseSettings.from_env(env)
+        return cls.from_settings(SupabaseSettings.from_env(env))
+
+    @classmethod
+    def from_settings(cls, settings: SupabaseSettings | None) -> Budget:
+        """Disabled when Supabase is not configured (None)."""
         if settings is None:
             return cls.disabled()
         client, http = make_client(settings)

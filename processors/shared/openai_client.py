@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any, cast
 import openai
 from openai import AsyncOpenAI, omit
 
-from worker.errors import ConfigError, JobError, PermanentJobError, RateLimited, RetryableJobError
+from worker.errors import (
+    ConfigProblems,
+    JobError,
+    PermanentJobError,
+    RateLimited,
+    RetryableJobError,
+)
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -66,20 +72,21 @@ class OpenAISettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OpenAISettings:
-        """The key, `OPENAI_BASE_URL`, `OPENAI_MODEL`, `OPENAI_TIMEOUT_S`; ConfigError names one."""
+        """The key, `OPENAI_BASE_URL`, `OPENAI_MODEL`, `OPENAI_TIMEOUT_S`; ConfigError names
+        each that is missing or malformed."""
+        problems = ConfigProblems()
         api_key, key_variable = "", ""
         for name in API_KEY_VARIABLES:
             if value := env.get(name, "").strip():
                 api_key, key_variable = value, name
                 break
         if not api_key:
-            raise ConfigError(
-                API_KEY_VARIABLES[-1],
-                f"no OpenAI API key: set {' or '.join(API_KEY_VARIABLES)}",
+            problems.add(
+                API_KEY_VARIABLES[-1], f"no OpenAI API key: set {' or '.join(API_KEY_VARIABLES)}"
             )
         base_url = env.get("OPENAI_BASE_URL", "").strip() or DEFAULT_BASE_URL
         if not re.match(r"^https?://\S+$", base_url):
-            raise ConfigError("OPENAI_BASE_URL", f"must be an http(s) URL, got {base_url!r}")
+            problems.add("OPENAI_BASE_URL", f"must be an http(s) URL, got {base_url!r}")
         model = env.get("OPENAI_MODEL", "").strip() or DEFAULT_MODEL
         raw_timeout = env.get("OPENAI_TIMEOUT_S", "").strip()
         timeout_s = DEFAULT_TIMEOUT_S
@@ -89,9 +96,10 @@ class OpenAISettings:
             except ValueError:
                 timeout_s = math.nan
             if not (math.isfinite(timeout_s) and timeout_s > 0):
-                raise ConfigError(
+                problems.add(
                     "OPENAI_TIMEOUT_S", f"must be a positive number of seconds, got {raw_timeout!r}"
                 )
+        problems.raise_any()
         return cls(api_key, base_url, model, timeout_s, key_variable)
 
 
