@@ -105,6 +105,19 @@ async def test_check_lists_every_problem_at_once(redis_url: str, queue_name: str
     assert "processor ping:" in out  # the processors that build are still listed
 
 
+async def test_check_warns_of_a_misspelt_variable_naming_the_closest(
+    redis_url: str, queue_name: str
+) -> None:
+    env = {**env_for(redis_url, queue_name), "WORKER_CONCURENCY": "50"}
+    code, out = await run_cli(env, "check")
+    assert code == 0, out  # a warning: the worker still runs, at the default concurrency
+    expected = (
+        "[warn] WORKER_CONCURENCY is not a setting of this worker and is ignored;"
+        " did you mean WORKER_CONCURRENCY?"
+    )
+    assert expected in out, out
+
+
 async def test_malformed_settings_are_all_named_at_once(queue_name: str) -> None:
     env = {"WORKER_QUEUE": queue_name, "WORKER_CONCURRENCY": "lots", "LOG_LEVEL": "loud",
            "REDIS_URL": "http://x:1", "PORT": "-1"}  # fmt: skip

@@ -149,6 +149,25 @@ async def test_text_logs_carry_the_banner_and_the_job_id(
     assert "Attempt: 1/3" in out
 
 
+async def test_a_misspelt_variable_is_warned_about_at_start_up(
+    redis_url: str, queue_name: str
+) -> None:
+    env = worker_env(redis_url, queue_name, WORKER_CONCURENCY=50, WORKER_HEALTHPORT=1)
+    proc = await WorkerProcess.start(env)
+    try:
+        await proc.wait_for_line("waiting for jobs")
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await proc.wait(timeout=20) == 0
+    finally:
+        await proc.kill()
+    expected = (
+        "WORKER_CONCURENCY is not a setting of this worker and is ignored;"
+        " did you mean WORKER_CONCURRENCY?"
+    )
+    assert expected in proc.output
+    assert "did you mean WORKER_HEALTH_PORT?" in proc.output
+
+
 async def test_malformed_setting_stops_start_up_naming_the_variable(queue_name: str) -> None:
     proc = await WorkerProcess.start({"WORKER_CONCURRENCY": "lots", "WORKER_QUEUE": queue_name})
     assert await proc.wait(timeout=20) == 2

@@ -6,7 +6,9 @@ import datetime as dt
 import io
 import json
 import math
+import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,9 @@ from worker.idempotency import idempotency_key
 from worker.logs import setup_logging
 from worker.registry import ProcessorSpec, Registry
 from worker.results import UnsafeResult, node_json, to_json_safe
-from worker.settings import Settings
+from worker.settings import Settings, unread_variables, variables_read
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_settings_defaults_match_the_node_worker() -> None:
@@ -45,6 +49,19 @@ def test_settings_read_every_documented_variable() -> None:
         "WORKER_HEALTH_PORT"
     )
     assert Settings.from_env({}).health_port_variable == "WORKER_HEALTH_PORT"
+
+
+def test_unread_worker_variables_are_named_with_the_closest_known_one() -> None:
+    env = {"WORKER_CONCURENCY": "50", "WORKER_QUEUE": "q", "WORKER_FOO": "1", "PATH": "/bin"}
+    assert unread_variables(env) == [
+        "WORKER_CONCURENCY is not a setting of this worker and is ignored;"
+        " did you mean WORKER_CONCURRENCY?",
+        "WORKER_FOO is not a setting of this worker and is ignored; known: "
+        + ", ".join(sorted(n for n in variables_read() if n.startswith("WORKER_"))),
+    ]
+    # Every documented WORKER_* variable counts as read (none would be warned about).
+    documented = set(re.findall(r"`(WORKER_[A-Z_]+)`", README.read_text()))
+    assert documented <= variables_read(), documented - variables_read()
 
 
 def test_redis_precedence_and_url_parts() -> None:

@@ -27,7 +27,7 @@ from worker.redis_probe import (
     server_info,
 )
 from worker.results import node_json
-from worker.settings import Settings
+from worker.settings import Settings, unread_variables
 
 T = TypeVar("T")
 
@@ -128,6 +128,8 @@ def run_service(settings: Settings, env: Mapping[str, str]) -> int:
     from processors import build_registry
     from worker.service import Service
 
+    for warning in unread_variables(env):
+        logger.warning(warning)
     try:
         registry = build_registry(env, settings.job_types)
         contract = Contract.load()
@@ -175,6 +177,8 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
         f"limiter {s.limiter or 'off'}, health port {s.health_port}, "
         f"grace {s.shutdown_grace_s:g} s",
     )
+    for warning in unread_variables(env):
+        line("warn", warning)
     status, text = await _health_port(s)
     ok = ok and status != "FAIL"
     line(status, text)

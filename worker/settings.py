@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -143,6 +144,44 @@ class Settings:
         if self.limiter_max == 0:  # 0 turns the limiter off
             return None
         return {"max": self.limiter_max, "duration": self.limiter_duration_ms}
+
+
+def unread_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each `WORKER_*` variable in `env` that the service does not read (a typo:
+    `WORKER_CONCURENCY=50` would run at the default concurrency), naming the closest known one."""
+    known = sorted(n for n in variables_read() if n.startswith("WORKER_"))
+    warnings = []
+    for name in sorted(n for n in env if n.startswith("WORKER_") and n not in known):
+        # Compared without the shared `WORKER_`, which would make every name look close.
+        close = difflib.get_close_matches(name[7:], [k[7:] for k in known], n=1, cutoff=0.6)
+        hint = f"did you mean WORKER_{close[0]}?" if close else f"known: {', '.join(known)}"
+        warnings.append(f"{name} is not a setting of this worker and is ignored; {hint}")
+    return warnings
+
+
+def variables_read() -> frozenset[str]:
+    """Every variable `Settings.from_env` reads, found by reading an empty environment (so the
+    list cannot fall behind the code)."""
+    recorder = _Recorder()
+    Settings.from_env(recorder)
+    return frozenset(recorder.names)
+
+
+class _Recorder(Mapping[str, str]):
+    """An empty environment that notes every name asked for."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.names.add(name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
