@@ -11,11 +11,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tests.support.harness import running_service, settings_for
 from tests.support.node_bridge import NodeBridge
 from tests.support.proc import REPO_ROOT, WorkerProcess
 from tests.support.redis_server import free_port, private_redis
+from worker.results import node_json
 
 
 def env_for(redis_url: str, queue: str) -> dict[str, str]:
@@ -153,19 +155,56 @@ async def test_enqueue_refuses_an_invalid_payload(redis_url: str, queue_name: st
 
 
 @pytest.mark.parametrize("bridge_version", ["5", "6"])
-async def test_stats_prints_the_counts_the_web_service_reads(
+async def test_stats_prints_what_the_web_services_queue_stats_prints(
     bridges: dict[str, NodeBridge], bridge_version: str, redis_url: str, queue_name: str
 ) -> None:
     node = bridges[bridge_version]
     await node.add(queue_name, "ping", {})
     await node.add(queue_name, "ping", {}, opts={"delay": 60000})
+    await node.add(queue_name, "ping", {}, opts={"priority": 5})  # in no shown key, in total
     code, out = await run_cli(env_for(redis_url, queue_name), "stats")
     assert code == 0, out
-    counts = json.loads(out.splitlines()[-1])
-    node_counts = await node.counts(queue_name)
-    for state in ("waiting", "active", "completed", "failed", "delayed"):
-        assert counts[state] == node_counts[state]
-    assert counts["waiting"] == 1 and counts["delayed"] == 1 and counts["total"] == 2
+    line = out.splitlines()[-1]
+    printed = json.loads(line)
+    assert line == node_json(printed)  # compact, as Express's res.json writes it
+    assert list(printed) == ["success", "stats", "timestamp"] and printed["success"] is True
+    web = await node.web_stats(queue_name)
+    assert list(printed["stats"].items()) == list(web.items())  # same keys, order and values
+    assert (web["waiting"], web["delayed"], web["total"]) == (1, 1, 3)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", printed["timestamp"])
+
+
+async def test_enqueue_wait_prints_one_compact_json_object_per_line(
+    redis_url: str, queue_name: str
+) -> None:
+    async with running_service(settings_for(redis_url, queue_name)):
+        code, out = await run_cli(
+            env_for(redis_url, queue_name), "enqueue", "ping", "--data", '{"echo": "ñ"}', "--wait"
+        )
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 2, out
+    for line in lines:
+        assert line == node_json(json.loads(line)), line
+    assert [json.loads(line)["status"] for line in lines] == ["added", "completed"]
+
+
+async def test_check_prints_the_limiter_in_words(redis_url: str, queue_name: str) -> None:
+    code, out = await run_cli(env_for(redis_url, queue_name), "check")
+    assert code == 0, out
+    assert "limiter 10 jobs per 1000 ms (queue-wide)" in out and "{'max'" not in out
+
+
+async def test_an_evicting_redis_is_warned_about_once_as_a_log_line(queue_name: str) -> None:
+    with private_redis() as url:
+        with redis.Redis.from_url(url) as client:
+            client.config_set("maxmemory-policy", "allkeys-lru")
+        env = env_for(url, queue_name)
+        code, out = await run_cli(env, "enqueue", "ping", "--wait", "--timeout", "1")
+    assert code == 1, out  # nobody consumes: the wait times out
+    assert out.count("allkeys-lru") == 1, out
+    assert re.search(r"\| WARNING \| Redis maxmemory-policy is allkeys-lru", out), out
+    assert "UserWarning" not in out and "IMPORTANT!" not in out
 
 
 # --- bounded in time, with the cause ------------------------------------------------------------

@@ -15,6 +15,7 @@ from loguru import logger
 
 from worker.contract import Contract
 from worker.errors import ConfigError, JobError
+from worker.health import iso_now
 from worker.idempotency import idempotency_key
 from worker.logs import secrets_from_env, setup_logging
 from worker.protocol import QueueClient
@@ -41,8 +42,10 @@ DEFAULT_JOB_OPTS: dict[str, Any] = {
 # The web service keys only flashcards (contract/README.md: a lesson key would ignore
 # targetLanguage and sourceFileName).
 IDEMPOTENT_JOB_TYPES = ("generate-flashcards",)
-# INTEROP §2: what the web service's /api/queue/stats reports.
-STATS_STATES = ("waiting", "active", "completed", "failed", "delayed", "prioritized", "paused")
+# INTEROP §2: the web service's /api/queue/stats shows these, in this order, and a `total` that
+# sums all eight states of getJobCounts().
+STATS_SHOWN = ("waiting", "active", "completed", "failed", "delayed")
+STATS_STATES = (*STATS_SHOWN, "paused", "prioritized", "waiting-children")
 
 
 def job_id_for(name: str) -> str:
@@ -174,7 +177,7 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
     line(
         "ok",
         f"settings: queue {s.queue}, prefix {s.prefix}, concurrency {s.concurrency}, "
-        f"limiter {s.limiter or 'off'}, health port {s.health_port}, "
+        f"limiter {describe_limiter(s)}, health port {s.health_port}, "
         f"grace {s.shutdown_grace_s:g} s",
     )
     for warning in unread_variables(env):
@@ -276,11 +279,11 @@ async def enqueue(settings: Settings, args: argparse.Namespace, timeout_s: float
             key = idempotency_key(args.name, data)
             cached = await queue.step(queue.client.redis.get(key))
             if cached:
-                print(json.dumps({"cached": True, **json.loads(cached)}, ensure_ascii=False))
+                print(node_json({"status": "cached", **json.loads(cached)}))
                 return 0
             opts["idempotencyKey"] = key
         job_id = await queue.step(queue.client.add(args.name, data, opts))
-        print(json.dumps({"jobId": job_id, "name": args.name}))
+        print(node_json({"jobId": job_id, "name": args.name, "status": "added"}))
         if not args.wait:
             return 0
         return await _wait_for(queue, job_id, args.timeout)
@@ -298,10 +301,12 @@ class _Queue:
 
     async def __aenter__(self) -> _Queue:
         try:
-            await server_info(self._redis, self.settings.redis, self.timeout_s)
+            info = await server_info(self._redis, self.settings.redis, self.timeout_s)
         except BaseException:
             await self.close()
             raise
+        if problem := eviction_problem(info):
+            logger.warning(problem)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -333,15 +338,25 @@ async def _wait_for(queue: _Queue, job_id: str, timeout_s: float) -> int:
             print(node_json(out))
             return 0 if state == "completed" else 1
         await asyncio.sleep(0.2)
-    print(json.dumps({"jobId": job_id, "status": "timeout"}))
+    print(node_json({"jobId": job_id, "status": "timeout"}))
     return 1
 
 
 async def stats(settings: Settings, timeout_s: float) -> int:
     async with _Queue(settings, timeout_s) as queue:
         counts = await queue.step(queue.client.counts(*STATS_STATES))
-        counts["total"] = sum(
-            counts[k] for k in ("waiting", "active", "completed", "failed", "delayed")
-        )
-        print(json.dumps(counts))
+        print(node_json(web_stats(settings.queue, counts)))
         return 0
+
+
+def web_stats(queue: str, counts: Mapping[str, int]) -> dict[str, Any]:
+    """What the web service's /api/queue/stats answers for these counts (INTEROP §2)."""
+    shown: dict[str, Any] = {"queue": queue, **{state: counts[state] for state in STATS_SHOWN}}
+    shown["total"] = sum(counts[state] for state in STATS_STATES)
+    return {"success": True, "stats": shown, "timestamp": iso_now()}
+
+
+def describe_limiter(s: Settings) -> str:
+    if s.limiter is None:
+        return "off"
+    return f"{s.limiter_max} jobs per {s.limiter_duration_ms} ms (queue-wide)"

@@ -15,6 +15,7 @@ import json
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -557,6 +558,9 @@ class QueueClient:
     def __init__(self, settings: Settings, connection: Redis | None = None) -> None:
         """`connection`: a client of the caller's (the CLI passes one bounded in time, with no
         retries); without one, bullmq's, which retries a dead Redis for minutes."""
+        # bullmq reports the eviction policy as a raw `warnings` dump on a job's first state
+        # read; the CLI says it once, as a log line, from its own INFO (worker/redis_probe.py).
+        warnings.filterwarnings("ignore", "IMPORTANT! Eviction policy", UserWarning, "bullmq")
         self._queue = Queue(
             settings.queue,
             {

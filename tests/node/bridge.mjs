@@ -160,6 +160,14 @@ const ops = {
     return { ...counts, total };
   },
 
+  // The web service's GET /api/queue/stats body (INTEROP §2), without its timestamp.
+  async webStats(args) {
+    const counts = await queueFor(args).getJobCounts();
+    const total = Object.values(counts).reduce((sum, n) => sum + n, 0);
+    const { waiting, active, completed, failed, delayed } = counts;
+    return { queue: args.queue, waiting, active, completed, failed, delayed, total };
+  },
+
   // The web service's POST for a job (INTEROP §3): compute the idempotency key, GET it, and
   // on a hit answer from the cache without enqueueing; otherwise queue.add with the key.
   async webEnqueue(args) {

@@ -118,6 +118,10 @@ class NodeBridge:
         """The contract package's validatePayload/validateResult (ajv): {valid, errors}."""
         return await self.call("validate", kind=kind, name=name, value=value)
 
+    async def web_stats(self, queue: str) -> dict[str, Any]:
+        """The `stats` object of the web service's /api/queue/stats, keys in its order."""
+        return await self.call("webStats", queue=queue)
+
     async def counts(self, queue: str, *, prefix: str | None = None) -> dict[str, int]:
         """getJobCounts() plus the web service's `total`."""
         return await self.call("counts", queue=queue, prefix=prefix)
