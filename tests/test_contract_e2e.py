@@ -276,13 +276,15 @@ async def test_worker_fails_forced_invalid_payload_at_once(
     world.check_stand_ins()  # the processor never ran, so no external call was made
 
 
-# Where the two validators part: `pattern: "\\S"` ("must not be blank") runs on JavaScript's
-# whitespace in ajv and on Python's in jsonschema, and the two sets differ. U+FEFF is whitespace
-# only to JavaScript (Node refuses, the worker would accept); U+001C..U+001F and U+0085 only to
-# Python (Node enqueues a job the worker then fails at once). Strict xfail: once the schema
-# spells the class out, these pass and the marker must go.
-@pytest.mark.xfail(strict=True, reason="`\\S` means different characters to ajv and jsonschema")
-@pytest.mark.parametrize("blank", ["\ufeff", "\x1c", "\x85"], ids=["U+FEFF", "U+001C", "U+0085"])
+# Where the two validators parted: `pattern: "\\S"` ("must not be blank") ran on JavaScript's
+# whitespace in ajv and on Python's in jsonschema, and the two sets differ: U+FEFF is whitespace
+# only to JavaScript, U+001C..U+001F and U+0085 only to Python. The schema now lists JavaScript's
+# whitespace character by character, so both judge these alike.
+@pytest.mark.parametrize(
+    "blank",
+    ["\ufeff", "\x1c", "\x1d", "\x1e", "\x1f", "\x85", " \ufeff\u3000", "\ufeffx"],
+    ids=["U+FEFF", "U+001C", "U+001D", "U+001E", "U+001F", "U+0085", "spaces", "not-blank"],
+)
 async def test_node_and_python_agree_on_blank_content(blank: str, node6: NodeBridge) -> None:
     document = {"content": blank, "subject": "Biology", "topic": "Cells", "userId": USER_ID}
     node = await node6.validate("payload", "generate-flashcards", document)
@@ -292,3 +294,5 @@ async def test_node_and_python_agree_on_blank_content(blank: str, node6: NodeBri
     except InvalidPayload:
         python_valid = False
     assert node["valid"] == python_valid, f"ajv: {node['valid']}, jsonschema: {python_valid}"
+    # Blank is what JavaScript's \\s matches (the web service's ajv decided before the change).
+    assert python_valid == any(ch not in " \ufeff\u3000" for ch in blank)

@@ -205,6 +205,19 @@ async def test_fixed_topic_success_cleans_cards_and_accounts_tokens(
     assert db.tables["users"][0]["output_tokens"] == 500 + 700
 
 
+async def test_a_lone_surrogate_in_the_content_is_sent_as_valid_unicode(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
+) -> None:
+    # "a\udc00b" is valid JSON and a Node producer enqueues it; it is no valid Unicode to send.
+    openai_fake.script(completion({"flashcards": [card("Heart", "Cardiology")]}))
+    result = await new_job(data=payload(content=CONTENT + " a\udc00b \ud83d\ude00")).attempt()
+    assert result["success"] is True
+    raw = openai_fake.chat_requests[0].raw.decode("utf-8")
+    assert "\\udc00" not in raw and "\\ud83d" not in raw, "a surrogate escape was sent"
+    user = openai_fake.chat_requests[0].body["messages"][1]["content"]
+    assert "a\ufffdb \U0001f600" in user  # lone: U+FFFD, as toWellFormed(); a pair: its emoji
+
+
 @pytest.mark.asyncio
 async def test_ai_selection_folds_small_topics_into_the_largest(
     new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI

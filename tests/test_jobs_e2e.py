@@ -263,3 +263,32 @@ async def test_stats_count_jobs_not_attempts(
 
 async def _if(value: Any, pred: Any) -> Any:
     return value if pred(value) else None
+
+
+async def test_a_lone_surrogate_in_a_payload_completes_as_with_a_node_worker(
+    node: NodeBridge, redis_url: str, queue_name: str, rclient: Any
+) -> None:
+    # Valid JSON (`"a\udc00b"`) that a Node worker completes; it has no UTF-8 form raw.
+    async with running_service(settings_for(redis_url, queue_name)):
+        added = await node.add(queue_name, "ping", {"echo": "a\udc00b"})
+        job = await node.wait_finished(queue_name, added["id"], timeout_ms=15000)
+    assert job["state"] == "completed" and job["attemptsMade"] == 1, job
+    assert job["returnvalue"]["echo"] == "a\udc00b"
+    raw = await rclient.hget(f"bull:{queue_name}:{added['id']}", "returnvalue")
+    assert '"echo":"a\\udc00b"' in raw  # escaped, as JSON.stringify writes it
+
+
+async def test_a_null_payload_fails_at_once_as_not_an_object(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    from worker.protocol import QueueClient
+
+    producer = QueueClient(settings_for(redis_url, queue_name))
+    try:
+        job_id = await producer.add("ping", None, {"attempts": 3})  # data stored as `null`
+    finally:
+        await producer.close()
+    async with running_service(settings_for(redis_url, queue_name)):
+        job = await node6.wait_finished(queue_name, job_id, timeout_ms=15000)
+    assert job["state"] == "failed" and job["attemptsMade"] == 1, job
+    assert job["failedReason"] == "Invalid payload for ping: (payload): expected object, got null"

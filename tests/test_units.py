@@ -127,7 +127,8 @@ def test_unsafe_results_fail_as_bugs(value: object, where: str) -> None:
 
 
 def test_node_json_is_what_json_stringify_writes() -> None:
-    value = {"b": "héllo ✓ 日本 😀", "a": [1, 2.5, None, True], "nested": {"q": '"\\\n'}}
+    value = {"b": "héllo ✓ 日本 😀", "a": [1, 2.5, None, True], "nested": {"q": '"\\\n'},
+             "lone": ["a\udc00b", "\ud800", "x\ud83d"], "k\udfff": "pair \ud83d\ude00"}  # fmt: skip
     node = subprocess.run(
         ["node", "-e", "process.stdout.write(JSON.stringify(JSON.parse(process.argv[1])))",
          json.dumps(value)],

@@ -24,7 +24,13 @@ _ID = re.compile(
 )
 
 # Patterns whose meaning a reader of a failed job should see instead of the regex itself.
-_PATTERN_MEANING = {r"\S": "must not be blank"}
+# "Not blank": a character outside JavaScript's `\s`, listed one by one because `\S` means
+# different characters to ajv (ECMAScript) and to Python's `re` (U+FEFF; U+001C-U+001F, U+0085).
+NOT_BLANK = (
+    r"[^\t\n\u000b\f\r \u00a0\u1680\u2000-\u200a"
+    r"\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)
+_PATTERN_MEANING = {r"\S": "must not be blank", NOT_BLANK: "must not be blank"}
 
 
 class Contract:

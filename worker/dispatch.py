@@ -57,7 +57,7 @@ class Dispatcher:
 
     async def run(self, job: ActiveJob) -> Any:
         spec = self.registry.get(job.name)  # UnknownJobType: permanent
-        data = job.data if job.data is not None else {}
+        data = job.data  # `null` stays null: the contract fails it as not an object
         # Start-up refuses a processor without a schema; only tests register such processors.
         checked = self.contract.has(job.name)
         if checked:

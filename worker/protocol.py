@@ -36,7 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker import jsondecode
 from worker.autopipeline import AutoPipelinedScript
 from worker.keys import bull_key
-from worker.results import node_json
+from worker.results import node_json, well_formed
 from worker.settings import Settings
 
 BULLMQ_VERSION = "3.4.4"  # the pinned package whose Lua scripts these are (pyproject.toml)
@@ -440,6 +440,7 @@ class QueueProtocol:
     ) -> NextJob:
         """Failed for good (no attempts left, or not retryable)."""
         opts = job.opts if isinstance(job, ActiveJob) else {}
+        reason = well_formed(reason)  # as ioredis writes a JS string: lone surrogates as U+FFFD
         fields = {"failedReason": reason, "stacktrace": stack}
         args = self.finished_args(
             job.id, job.token, "failed", reason, opts, job.attempts_made, fetch_next, fields
@@ -448,8 +449,8 @@ class QueueProtocol:
 
     async def retry(self, job: ActiveJob, reason: str, stack: str, delay_ms: int) -> None:
         """Back to wait (retryJob) or to delayed for the backoff (moveToDelayed), attempt used."""
-        name, keys, args = self.retry_call(job, {"failedReason": reason, "stacktrace": stack},
-                                           delay_ms)  # fmt: skip
+        fields = {"failedReason": well_formed(reason), "stacktrace": stack}
+        name, keys, args = self.retry_call(job, fields, delay_ms)
         reply = await self.scripts[name](keys=keys, args=args)
         if isinstance(reply, int) and reply < 0:
             raise JobLost(job.id, name, reply)

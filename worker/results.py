@@ -9,6 +9,7 @@ import decimal
 import enum
 import json
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -80,5 +81,29 @@ def to_json_safe(value: Any, path: str = "") -> Any:
 
 
 def node_json(value: Any) -> str:
-    """Encode like Node's `JSON.stringify`: compact, key order kept, non-ASCII raw (UTF-8)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Encode like Node's `JSON.stringify`: compact, key order kept, non-ASCII raw (UTF-8), and a
+    lone UTF-16 surrogate (valid JSON, e.g. `"a\\udc00b"`) escaped as `\\udc00`, as ES2019's
+    well-formed JSON.stringify writes it: raw, it could not be encoded to UTF-8 at all."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATES.sub(_js_escape, text)
+
+
+def well_formed(text: str) -> str:
+    """`String.prototype.toWellFormed()`: each lone surrogate becomes U+FFFD (what Node's UTF-8
+    encoder writes for one), a high + low pair becomes its character. For text sent out."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATES = re.compile("[\ud800-\udbff][\udc00-\udfff]|[\ud800-\udfff]")
+
+
+def _js_escape(match: re.Match[str]) -> str:
+    found = match.group()
+    if len(found) == 2:  # a pair: one character, written raw as JSON.stringify does
+        return found.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+    return f"\\u{ord(found):04x}"

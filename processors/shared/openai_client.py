@@ -41,6 +41,7 @@ from worker.errors import (
     RateLimited,
     RetryableJobError,
 )
+from worker.results import well_formed
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -219,7 +220,11 @@ async def complete_json(
     try:
         completion = await client.chat.completions.create(
             model=model,
-            messages=cast("list[ChatCompletionMessageParam]", [dict(m) for m in messages]),
+            # A lone surrogate (valid in the payload's JSON) is no valid Unicode to send.
+            messages=cast(
+                "list[ChatCompletionMessageParam]",
+                [{k: well_formed(v) for k, v in m.items()} for m in messages],
+            ),
             temperature=temperature,
             response_format=cast(
                 "ResponseFormatJSONSchema", json_schema_format(schema_name, schema)

@@ -82,7 +82,10 @@ function describe(error) {
 }
 
 // Patterns whose meaning a reader should see instead of the regex itself.
-const PATTERN_MEANING = { '\\S': 'must not be blank' };
+// "Not blank": a character outside JavaScript's \s, listed one by one so that Python's `re`
+// (whose \s differs: U+FEFF, U+001C-U+001F, U+0085) judges it the same way.
+export const NOT_BLANK = String.raw`[^\t\n\u000b\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]`;
+const PATTERN_MEANING = { '\\S': 'must not be blank', [NOT_BLANK]: 'must not be blank' };
 
 // The same short sentences as worker/contract.py, so both sides report a field alike.
 function problem({ keyword, params, data, message }) {
