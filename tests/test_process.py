@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -60,6 +62,25 @@ async def test_sigterm_lets_the_running_job_finish_and_exits_0(
     assert later["state"] in ("delayed", "waiting") and later["attemptsMade"] == 0
     assert "WORKER STATISTICS" in proc.output
     assert "Succeeded: 1" in proc.output
+
+
+async def test_signals_after_the_drain_completed_still_exit_0(
+    redis_url: str, queue_name: str
+) -> None:
+    # An idle worker drains at once; a second SIGTERM (a platform, or an impatient operator)
+    # that lands while the process winds down must not turn exit 0 into death by SIGTERM.
+    proc = await WorkerProcess.start(worker_env(redis_url, queue_name))
+    try:
+        await proc.wait_for_line("waiting for jobs")
+        proc.proc.send_signal(signal.SIGTERM)
+        await proc.wait_for_line("Jobs/minute")  # the statistics block: the drain completed
+        while proc.proc.returncode is None:  # keep signalling until it is gone
+            with contextlib.suppress(ProcessLookupError):
+                proc.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.001)
+        assert await proc.wait(timeout=20) == 0, proc.output
+    finally:
+        await proc.kill()
 
 
 async def test_kill_9_mid_job_then_restart_completes_the_job_once(

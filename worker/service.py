@@ -85,7 +85,10 @@ class Service:
         finally:
             await self.stop()
             for sig in signals:
-                loop.remove_signal_handler(sig)
+                loop.remove_signal_handler(sig)  # which restores SIG_DFL: death by signal
+                # Stopped and drained: a late signal while the process winds down must not turn
+                # the exit code into -15 (SIGKILL still ends it).
+                signal.signal(sig, signal.SIG_IGN)
         return self.exit_code
 
     def _build(self) -> JobLoop:
