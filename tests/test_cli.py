@@ -147,6 +147,14 @@ async def test_enqueue_wait_adds_like_the_web_service_and_prints_the_result(
     assert job["opts"]["removeOnComplete"] == {"age": 3600, "count": 100}
 
 
+async def test_enqueue_of_an_unknown_type_says_how_to_send_it_anyway(
+    redis_url: str, queue_name: str
+) -> None:
+    code, out = await run_cli(env_for(redis_url, queue_name), "enqueue", "translate-all")
+    assert code == 2
+    assert "Unknown job type: translate-all (use --no-validate to send it anyway)" in out, out
+
+
 async def test_enqueue_refuses_an_invalid_payload(redis_url: str, queue_name: str) -> None:
     code, out = await run_cli(
         env_for(redis_url, queue_name), "enqueue", "ping", "--data", '{"sleepMs": -1}'

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,10 @@ def test_log_lines_never_carry_a_secret() -> None:
     assert "SECRET" not in out.getvalue() and "hunter2" not in out.getvalue()
     assert "***" in lines[0]["message"]
     setup_logging("text", "INFO")
+
+
+def test_mypy_strict_covers_every_package() -> None:
+    pyproject = tomllib.loads((README.parent / "pyproject.toml").read_text())
+    shipped = {name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}
+    assert pyproject["tool"]["mypy"]["strict"] is True
+    assert shipped <= set(pyproject["tool"]["mypy"]["packages"])

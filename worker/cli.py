@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from loguru import logger
 
 from worker.contract import Contract
-from worker.errors import ConfigError, JobError
+from worker.errors import ConfigError, JobError, UnknownJobType
 from worker.health import iso_now
 from worker.idempotency import idempotency_key
 from worker.logs import secrets_from_env, setup_logging
@@ -262,14 +262,11 @@ async def enqueue(settings: Settings, args: argparse.Namespace, timeout_s: float
     if not args.no_validate:
         try:
             Contract.load().validate_payload(args.name, data)
+        except UnknownJobType as exc:  # before JobError, of which it is one
+            print(f"{exc} (use --no-validate to send it anyway)", file=sys.stderr)
+            return 2
         except JobError as exc:
             print(str(exc), file=sys.stderr)
-            return 2
-        except KeyError:
-            print(
-                f"Unknown job type: {args.name} (use --no-validate to send it anyway)",
-                file=sys.stderr,
-            )
             return 2
     opts: dict[str, Any] = {**DEFAULT_JOB_OPTS, "jobId": job_id_for(args.name)}
     if args.priority is not None:
