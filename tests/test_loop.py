@@ -4,6 +4,7 @@ stop() keeps its deadline with Redis gone, burst mode runs a queue empty."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from tests.support.node_bridge import NodeBridge
 from tests.support.redis_server import private_redis
 from worker.context import JobContext
 from worker.contract import Contract
+from worker.logs import setup_logging
 from worker.registry import ProcessorSpec
 from worker.service import Service
 
@@ -174,3 +176,34 @@ async def test_run_until_idle_processes_the_backlog_and_returns(
     counts = await node6.counts(queue_name)
     assert counts["completed"] == len(added["ids"]) == 25 and counts["waiting"] == 0
     assert service.stats.succeeded == 25
+
+
+# --- log lines about a job ---------------------------------------------------------------------
+
+
+async def test_every_json_line_about_a_job_carries_its_attempt_and_names_it_once(
+    node6: NodeBridge, redis_url: str, queue_name: str, rclient: Any
+) -> None:
+    poison = await node6.add(queue_name, "ping", {"echo": "poison"})
+    fine = await node6.add(queue_name, "ping", {"echo": "fine"})
+    await rclient.hset(f"bull:{queue_name}:{poison['id']}", "data", b"{not json")
+    out = io.StringIO()
+    setup_logging("json", "INFO", stream=out)
+    try:
+        async with running_service(settings_for(redis_url, queue_name)):
+            await node6.wait_finished(queue_name, fine["id"], timeout_ms=10_000)
+            key = f"bull:{queue_name}:failed"
+            await eventually(lambda: rclient.zscore(key, poison["id"]), timeout=10)
+    finally:
+        setup_logging("text", "INFO")
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    about_jobs = [r for r in records if r.get("job_id") in (poison["id"], fine["id"])]
+    assert {r["job_id"] for r in about_jobs} == {poison["id"], fine["id"]}
+    for record in about_jobs:
+        assert record.get("attempt") == 1, record
+        assert record["message"].count(record["job_id"]) <= 1, record
+    info = [r["message"] for r in about_jobs if r["job_id"] == fine["id"] and r["level"] == "INFO"]
+    assert len(info) == 2, info  # picked up, completed: the seed's words, one line each
+    assert info[0].startswith(f"Job picked up: {fine['id']} (ping) | Attempt: 1/3 | ")
+    assert "Currently processing: 1 jobs | Started: " in info[0]
+    assert info[1].startswith(f"Job completed: {fine['id']} in ")

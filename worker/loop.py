@@ -407,6 +407,10 @@ class JobLoop:
 
     async def _hand_back(self, job: ActiveJob) -> None:
         """Back to waiting, first in line, no attempt used (moveJobFromActiveToWait)."""
+        with logger.contextualize(job_id=job.id, job_name=job.name, attempt=job.attempt):
+            await self._hand_back_logged(job)
+
+    async def _hand_back_logged(self, job: ActiveJob) -> None:
         try:
             code = await self.protocol.move_to_wait(job.id, job.token)
         except (RedisError, OSError) as exc:
@@ -426,7 +430,7 @@ class JobLoop:
         while self._poisoned:
             job = self._poisoned.pop()
             self.stats.job_started()
-            with logger.contextualize(job_id=job.id):
+            with logger.contextualize(job_id=job.id, attempt=job.attempts_made + 1):
                 logger.error("Job failed, not retried: {}", job.reason)
                 try:
                     await self.protocol.fail(job, job.reason, "[]", fetch_next=False)
@@ -439,14 +443,15 @@ class JobLoop:
     # -- logs ----------------------------------------------------------------------------------
 
     def _log_pickup(self, job: ActiveJob) -> None:
-        logger.info("Job picked up: {} ({})", job.id, job.name)
-        logger.info("Currently processing: {} jobs", self.stats.currently_processing)
+        # The seed's pickup line, count and processing banner, as one line naming the job once
+        # (the banner's Job ID and Job Type are the pickup line's id and name).
         logger.opt(lazy=True).info(  # lazy: no timestamp formatted below INFO
-            "Processing job | Job ID: {} | Job Type: {} | Attempt: {}/{} | Started: {}",
+            "Job picked up: {} ({}) | Attempt: {}/{} | Currently processing: {} jobs | Started: {}",
             lambda: job.id,
             lambda: job.name,
             lambda: job.attempt,
             lambda: job.max_attempts,
+            lambda: self.stats.currently_processing,
             _iso_now,
         )
 
@@ -487,8 +492,9 @@ class JobLoop:
         if not jobs:
             return
         for job_id in await self.protocol.extend_locks(jobs):
-            if any(job.id == job_id for job in self._active.values()):
-                logger.warning("Lock of job {} was lost; another worker may run it", job_id)
+            for job in [job for job in self._active.values() if job.id == job_id]:
+                with logger.contextualize(job_id=job.id, job_name=job.name, attempt=job.attempt):
+                    logger.warning("Lock of job {} was lost; another worker may run it", job_id)
 
     async def _check_stalled(self) -> None:
         s = self.settings
