@@ -3,13 +3,21 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-runtime
 NODE_DIRS := tests/node contract/node
 
-.PHONY: run test test-python test-node check lint install node-deps bench lock clean
+.PHONY: run test test-python test-node check lint install node-deps bench lock clean stop-redis
 
-run: install ## run the worker (starts a private Redis on this machine if none answers)
+run: $(RUN_STAMP) ## run the worker (starts a private Redis on this machine if none answers)
 	./scripts/ensure-redis.sh
 	exec $(PY) -m worker
+
+stop-redis: ## stop the private redis-server(s) `make run` started (pid files in .run/)
+	@for pidfile in .run/redis-*.pid; do \
+	  [ -e "$$pidfile" ] || { echo "no private redis-server is running"; break; }; \
+	  kill "$$(cat "$$pidfile")" && echo "stopped the redis-server of $$pidfile"; \
+	  rm -f "$$pidfile"; \
+	done
 
 test: install node-deps lint ## every test: lint, Python (pytest) and Node (node --test)
 	./scripts/ensure-redis.sh
@@ -24,7 +32,7 @@ test-node: install node-deps
 	./scripts/ensure-redis.sh
 	npm --prefix contract/node test
 
-check: install ## is this configuration fit to run? (settings, Redis, processors)
+check: $(RUN_STAMP) ## is this configuration fit to run? (settings, Redis, processors)
 	$(PY) -m worker check
 
 lint: install
@@ -32,10 +40,15 @@ lint: install
 	$(PY) -m ruff format --check worker processors tests bench
 	$(PY) -m mypy
 
-install: $(STAMP)
+install: $(STAMP) ## everything: the runtime and the test and lint tools
 
-$(STAMP): requirements.lock requirements-dev.lock
+# `make run` needs the runtime lock only; tests and lint add requirements-dev.lock on top.
+$(RUN_STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $@
+
+$(STAMP): $(RUN_STAMP) requirements-dev.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.lock
 	touch $@
 

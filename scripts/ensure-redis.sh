@@ -50,7 +50,10 @@ echo "No Redis at $host:$port: starting a private redis-server there (data in .r
 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$PWD/.run" \
   --daemonize yes --pidfile "$PWD/.run/redis-$port.pid" --logfile "$PWD/.run/redis-$port.log"
 for _ in $(seq 1 50); do
-  redis-cli -p "$port" ping >/dev/null 2>&1 && exit 0
+  if redis-cli -p "$port" ping >/dev/null 2>&1; then
+    echo "It keeps running after the worker stops; stop it with: make stop-redis" >&2
+    exit 0
+  fi
   sleep 0.1
 done
 echo "redis-server did not come up; see .run/redis-$port.log" >&2

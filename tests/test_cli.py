@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -283,3 +284,53 @@ async def test_a_redis_that_never_answers_fails_the_command_within_its_timeout(
     # The option wins over the variable.
     code, out, took = await timed_cli(env, *command, "--redis-timeout", "0.5")
     assert code == 1 and "within 0.5 s" in out, out
+
+
+# --- a newcomer's first run ---------------------------------------------------------------------
+
+
+def test_make_run_installs_the_runtime_only() -> None:
+    def dry_run(target: str) -> str:
+        done = subprocess.run(["make", "-n", "-B", target], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        return done.stdout
+
+    assert "-r requirements.lock" in dry_run("run")
+    assert "requirements-dev.lock" not in dry_run("run")
+    assert "-r requirements-dev.lock" in dry_run("install")  # tests and lint get the tools
+
+
+async def test_a_fresh_clone_without_credentials_is_pointed_at_ping(queue_name: str) -> None:
+    proc = await WorkerProcess.start({"WORKER_QUEUE": queue_name, "WORKER_HEALTH_PORT": "0"})
+    code = await proc.wait(timeout=30)
+    assert code == 2, proc.output
+    assert "OPENAI_API_KEY" in proc.output
+    assert "WORKER_JOB_TYPES=ping WORKER_QUEUE=dev-<you> make run" in proc.output
+
+
+def test_try_it_runs_both_terminals_on_a_dev_queue() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("Try it", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2
+    for command in commands:
+        assert "WORKER_QUEUE=dev-" in command, command
+    assert "WORKER_JOB_TYPES=ping" in commands[0] and "make run" in commands[0]
+
+
+def test_a_private_redis_is_started_with_word_on_how_to_stop_it() -> None:
+    port = free_port()
+    done = subprocess.run(
+        ["scripts/ensure-redis.sh"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+        env={"PATH": os.environ["PATH"], "REDIS_URL": f"redis://127.0.0.1:{port}"},
+    )  # fmt: skip
+    pidfile = REPO_ROOT / ".run" / f"redis-{port}.pid"
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "starting a private redis-server" in done.stderr
+        assert "stop it with: make stop-redis" in done.stderr, done.stderr
+    finally:
+        if pidfile.exists():  # only the server this test started
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            pidfile.unlink()
+        (REPO_ROOT / ".run" / f"redis-{port}.log").unlink(missing_ok=True)

@@ -140,6 +140,11 @@ def run_service(settings: Settings, env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         for problem in exc.each:
             logger.error("Cannot start: {}", problem)
+        if settings.job_types is None:  # every type, by default: a fresh clone lands here
+            logger.info(
+                "To try the worker without credentials, run only the ping job type on a queue "
+                "of your own: WORKER_JOB_TYPES=ping WORKER_QUEUE=dev-<you> make run"
+            )
         return 2
     except ValueError as exc:
         logger.error("Cannot start: {}", exc)
