@@ -181,6 +181,11 @@ async def test_stats_prints_what_the_web_services_queue_stats_prints(
     assert list(printed["stats"].items()) == list(web.items())  # same keys, order and values
     assert (web["waiting"], web["delayed"], web["total"]) == (1, 1, 3)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", printed["timestamp"])
+    code, out = await run_cli(env_for(redis_url, queue_name), "stats", "--all")
+    assert code == 0, out
+    every = json.loads(out.splitlines()[-1])
+    assert every["backlog"] == 2  # waiting 1 + prioritized 1
+    assert every["counts"]["prioritized"] == 1 and sum(every["counts"].values()) == web["total"]
 
 
 async def test_enqueue_wait_prints_one_compact_json_object_per_line(

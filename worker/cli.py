@@ -91,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enqueue.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait (300)")
     enqueue.add_argument("--no-validate", action="store_true", help="skip the contract check")
-    sub.add_parser("stats", parents=[bounded], help="print the queue's job counts as JSON")
+    stats_parser = sub.add_parser(
+        "stats", parents=[bounded], help="print the web service's /api/queue/stats answer"
+    )
+    stats_parser.add_argument(
+        "--all",
+        action="store_true",
+        help="then a second line: every state's count, and the backlog (waiting + prioritized)",
+    )
     return parser
 
 
@@ -114,7 +121,7 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
     if command == "enqueue":
         return _with_redis(enqueue(settings, args, timeout_s))
     if command == "stats":
-        return _with_redis(stats(settings, timeout_s))
+        return _with_redis(stats(settings, timeout_s, args.all))
     raise AssertionError(command)
 
 
@@ -344,10 +351,13 @@ async def _wait_for(queue: _Queue, job_id: str, timeout_s: float) -> int:
     return 1
 
 
-async def stats(settings: Settings, timeout_s: float) -> int:
+async def stats(settings: Settings, timeout_s: float, every_state: bool = False) -> int:
     async with _Queue(settings, timeout_s) as queue:
         counts = await queue.step(queue.client.counts(*STATS_STATES))
         print(node_json(web_stats(settings.queue, counts)))
+        if every_state:  # what the web service's answer hides: BullMQ 5 keeps priority jobs apart
+            backlog = counts["waiting"] + counts["prioritized"]
+            print(node_json({"counts": {s: counts[s] for s in STATS_STATES}, "backlog": backlog}))
         return 0
 
 
