@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import time
@@ -75,8 +76,10 @@ async def test_signals_after_the_drain_completed_still_exit_0(
         proc.proc.send_signal(signal.SIGTERM)
         await proc.wait_for_line("Jobs/minute")  # the statistics block: the drain completed
         while proc.proc.returncode is None:  # keep signalling until it is gone
+            # os.kill, not send_signal: Popen.send_signal polls, which would reap the child
+            # under asyncio's watcher (returncode 255).
             with contextlib.suppress(ProcessLookupError):
-                proc.proc.send_signal(signal.SIGTERM)
+                os.kill(proc.proc.pid, signal.SIGTERM)
             await asyncio.sleep(0.001)
         assert await proc.wait(timeout=20) == 0, proc.output
     finally:
