@@ -994,3 +994,18 @@ async def test_kill_9_in_the_supabase_crash_windows_writes_each_row_once(
     # The adopted rows were found by the id recorded before the insert, not inserted again.
     upserts = db.rest_requests("POST", LESSONS)
     assert [r.body["id"] for r in upserts][:2] == [lessons[0]["id"]] * 2
+
+
+def test_the_step_prompts_keep_the_rules_the_node_prompts_gave() -> None:
+    # Issue 18: the rules back in each stable prefix (and checked in code, tests above).
+    def text(prompt: str) -> str:
+        return " ".join(prompt.split())
+
+    assert "only terms that occur in the document" in text(steps.KEYWORDS_PROMPT)
+    assert "rather than pad the list" in text(steps.KEYWORDS_PROMPT)
+    for prompt in (steps.VOCABULARY_ENGLISH_PROMPT, steps.VOCABULARY_OTHER_PROMPT):
+        assert "one entry for each term given, in the given order, and no other terms" in text(
+            prompt
+        )
+    assert "Use every one of the lesson's terms at least once" in text(steps.CONVERSATION_PROMPT)
+    assert all("{" not in step.system_prompt for step in steps.STEPS)
