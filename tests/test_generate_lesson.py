@@ -302,7 +302,7 @@ async def test_non_english_target_uses_the_other_field_names(
     assert bodies[2]["messages"][0]["content"] == steps.VOCABULARY_OTHER_PROMPT
     assert f"TARGET language: {target}" in bodies[2]["messages"][1]["content"]
     assert f"TARGET language: {target}" in bodies[3]["messages"][1]["content"]
-    assert "- le heart rate: heart rate : un terme" in bodies[3]["messages"][1]["content"]
+    assert "- le heart rate: heart rate (es)\n" in bodies[3]["messages"][1]["content"]
 
     word = next(r for r in rows_of(db, "lesson_vocabulary") if r["keywords"] == "le valve")
     assert word["native_translation"] == "valve (es)"  # from target_translation
@@ -622,8 +622,8 @@ async def test_a_conversation_that_leaves_out_terms_is_asked_for_once_more_namin
     assert first[0] == again[0] and first[0]["content"] == steps.CONVERSATION_PROMPT
     assert again[1]["content"].startswith(first[1]["content"])
     assert 'left out these terms: ["arrhythmia", "valve"]' in again[1]["content"]
-    # Definitions go with the terms, as Node's request had them.
-    assert "- valve: valve: a term of medicine" in first[1]["content"]
+    # Each term goes with its meaning in the native language (its sense in this lesson).
+    assert "- valve: valve (es)" in first[1]["content"]
     assert json.loads(result["lessons"][0]["chat_content"]) == conversation(0)
     assert result["tokenUsage"] == TOTAL_TOKENS + 480  # the extra call is paid and counted
     assert len(db.rpc_calls("increment_tokens")) == len(ORDER) + 1
