@@ -12,7 +12,7 @@ import pytest
 
 from worker.errors import ConfigError, UnknownJobType
 from worker.idempotency import idempotency_key
-from worker.logs import setup_logging
+from worker.logs import flush_logs, setup_logging
 from worker.registry import ProcessorSpec, Registry
 from worker.results import UnsafeResult, node_json, to_json_safe
 from worker.settings import Settings
@@ -166,8 +166,10 @@ def test_log_lines_never_carry_a_secret() -> None:
             raise RuntimeError("boom sk-test-SECRET-123")
         except RuntimeError:
             logger.exception("failed")
+    flush_logs()  # lines are written by the sink's thread
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["job_id"] for line in lines] == ["job-1", "job-1"]
     assert "SECRET" not in out.getvalue() and "hunter2" not in out.getvalue()
     assert "***" in lines[0]["message"]
+    assert lines[1]["error"] == "RuntimeError: boom ***"
     setup_logging("text", "INFO")
