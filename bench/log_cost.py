@@ -1,25 +1,28 @@
 """What the per-job log lines cost the event loop: the old synchronous sink against worker.logs.
 
-    python bench/log_cost.py [--jobs 20000] [--rounds 3] [--formats text,json]
+    python bench/log_cost.py [--jobs 20000] [--rounds 5] [--formats text,json] [--io]
 
 Each measurement runs in a fresh child process set up as `python -m worker` sets up logging
 (`setup_logging(format, level, secrets)`, stderr) with its stderr a pipe that this process reads
 and throws away, as a log collector would. The child makes, per job, the calls
 worker/dispatch.py makes: `logger.contextualize(job_id, job_name, attempt)` around "Job picked
 up", "Currently processing" and the lazy "Processing job | ... | Started: <ISO time>" line, then
-the bound, lazy "Job completed" line of the completion listener.
+the bound, lazy "Job completed" line of the completion listener. In a tight loop by default;
+with `--io` each job follows a round trip to another process on an asyncio loop, as a worker's
+jobs follow Redis replies: the loop waits in epoll between jobs, which is when a writer thread
+gets to run (and, if it is woken per line, where its hand-offs cost).
 
-Sinks: `sync` is the sink worker/logs.py had before the queued one (redact, write, flush, on the
-caller's thread), copied here so it can still be measured; `current` is whatever
-worker/logs.py now installs. Per job it prints the time the logging calls held the calling
-thread (`loop`: what the event loop loses), the time until every line had reached the pipe
-(`+drain`) and the process CPU time, the writer thread's included (`cpu`). The median of the
-rounds is shown.
+Sinks: `sync` is the sink worker/logs.py had before the queued one (format, redact, write,
+flush, on the caller's thread), copied here so it can still be measured; `current` is whatever
+worker/logs.py now installs. Per job: `main`, the CPU time of the thread that logs (what the
+event loop spends); `process`, the process's CPU time (a writer thread's included); `wall`; all
+three until the last line has been flushed. Min and median of the rounds, run round-robin.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import subprocess
@@ -48,11 +51,17 @@ def _iso_now() -> str:  # worker/dispatch.py's
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _text_format(record: Any) -> str:
+    extra = record["extra"]
+    context = "[{extra[job_id]}] " if extra.get("job_id") else ""
+    return "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + context + "{message}\n{exception}"
+
+
 def setup_sync_sink(log_format: str, level: str) -> None:
     """worker/logs.py's setup_logging before the queued sink (f4fff20), unchanged in effect."""
     from loguru import logger
 
-    from worker.logs import Redactor, _text_format
+    from worker.logs import Redactor
 
     redact = Redactor(SECRETS)
     out = sys.stderr
@@ -137,25 +146,79 @@ def child(args: argparse.Namespace) -> None:
             lambda: stats.success_rate,
         )
 
-    for i in range(min(2000, args.jobs)):  # warm-up: caches, the writer thread, the pipe
-        one_job(i)
-    flush()
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for i in range(args.jobs):
-        one_job(i)
-    t1 = time.perf_counter()
-    flush()
-    t2, cpu1 = time.perf_counter(), time.process_time()
-    n = args.jobs
-    figures = {"loop": (t1 - t0) / n * 1e6, "drain": (t2 - t0) / n * 1e6}
-    figures["cpu"] = (cpu1 - cpu0) / n * 1e6
+    if args.io:
+        figures = asyncio.run(with_round_trips(args.jobs, one_job, flush))
+    else:
+        for i in range(min(2000, args.jobs)):  # warm-up: caches, the writer thread, the pipe
+            one_job(i)
+        flush()
+        with Clock(args.jobs, flush) as figures:
+            for i in range(args.jobs):
+                one_job(i)
     print(json.dumps(figures), flush=True)
 
 
-def measure(sink: str, level: str, log_format: str, jobs: int) -> tuple[dict[str, float], int]:
+class Clock(dict[str, float]):
+    """µs per job: `main`, the calling thread's CPU time (what the event loop spends); `cpu`,
+    the process's (the writer thread's included) and `wall`, both until the last line is out."""
+
+    def __init__(self, jobs: int, flush: Any) -> None:
+        super().__init__()
+        self.jobs, self.flush = jobs, flush
+
+    def __enter__(self) -> Clock:
+        self.t0 = (time.thread_time(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        main = time.thread_time()
+        self.flush()
+        t1 = (main, time.process_time(), time.perf_counter())
+        for key, a, b in zip(("main", "cpu", "wall"), self.t0, t1, strict=True):
+            self[key] = (b - a) / self.jobs * 1e6
+
+
+ECHO = "\n".join(
+    (
+        "import sys",
+        "for line in sys.stdin.buffer:",
+        " sys.stdout.buffer.write(line)",
+        " sys.stdout.flush()",
+    )
+)
+
+
+async def with_round_trips(jobs: int, one_job: Any, flush: Any) -> Clock:
+    """The jobs on an event loop, each after a round trip to another process, as a worker's job
+    follows a Redis reply: the loop waits in epoll between jobs, where a writer thread runs."""
+    echo = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ECHO, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert echo.stdin is not None and echo.stdout is not None
+
+    async def round_trip() -> None:
+        echo.stdin.write(b"PING\n")
+        await echo.stdout.readline()
+
+    for i in range(min(2000, jobs)):
+        await round_trip()
+        one_job(i)
+    flush()
+    with Clock(jobs, flush) as figures:
+        for i in range(jobs):
+            await round_trip()
+            one_job(i)
+    echo.stdin.close()
+    await echo.wait()
+    return figures
+
+
+def measure(
+    sink: str, level: str, log_format: str, jobs: int, io: bool
+) -> tuple[dict[str, float], int]:
     """One child; returns its figures and how many bytes it wrote to stderr."""
     cmd = [sys.executable, __file__, "--child", "--sink", sink, "--level", level]
-    cmd += ["--format", log_format, "--jobs", str(jobs)]
+    cmd += ["--format", log_format, "--jobs", str(jobs)] + (["--io"] if io else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     written = 0
 
@@ -179,8 +242,9 @@ def measure(sink: str, level: str, log_format: str, jobs: int) -> tuple[dict[str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=20_000)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--formats", default="text,json")
+    p.add_argument("--io", action="store_true", help="a round trip to another process per job")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sink", choices=SINKS, default="current", help=argparse.SUPPRESS)
     p.add_argument("--level", default="INFO", help=argparse.SUPPRESS)
@@ -189,19 +253,24 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    print(f"{args.jobs} jobs x 4 log calls, median of {args.rounds} rounds, µs per job")
-    head = ("format", "level", "sink", "loop", "+drain", "cpu", "stderr")
-    print("{:<6} {:<8} {:<8} {:>7} {:>7} {:>7} {:>9}".format(*head))
-    for log_format in args.formats.split(","):
-        for level in LEVELS:
-            for sink in SINKS:
-                runs = [measure(sink, level, log_format, args.jobs) for _ in range(args.rounds)]
-                med = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
-                size = runs[0][1]
-                print(
-                    f"{log_format:<6} {level:<8} {sink:<8} {med['loop']:7.1f} {med['drain']:7.1f}"
-                    f" {med['cpu']:7.1f} {size / 1e6:7.1f}MB"
-                )
+    mode = "a round trip to another process per job" if args.io else "a tight loop"
+    print(f"{args.jobs} jobs x 4 log calls in {mode}; µs per job, min / median of {args.rounds}")
+    head = ("format", "level", "sink", "main CPU", "process CPU", "wall", "stderr")
+    print("{:<6} {:<8} {:<8} {:>13} {:>13} {:>13} {:>8}".format(*head))
+    configs = [
+        (f, level, sink) for f in args.formats.split(",") for level in LEVELS for sink in SINKS
+    ]
+    runs: dict[tuple[str, str, str], list[tuple[dict[str, float], int]]] = {c: [] for c in configs}
+    for _ in range(args.rounds):  # round-robin, so a noisy moment does not hit one row only
+        for c in configs:
+            runs[c].append(measure(c[2], c[1], c[0], args.jobs, args.io))
+    for (log_format, level, sink), results in runs.items():
+        cells = []
+        for key in ("main", "cpu", "wall"):
+            values = [r[0][key] for r in results]
+            cells.append(f"{min(values):6.1f} /{statistics.median(values):6.1f}")
+        size = results[0][1]
+        print(f"{log_format:<6} {level:<8} {sink:<8} {' '.join(cells)} {size / 1e6:6.1f}MB")
 
 
 if __name__ == "__main__":
