@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -326,3 +327,67 @@ def test_every_line_is_written_before_the_process_ends(log_format: str, how: str
         assert lines.index("Traceback (most recent call last):") > lines.index(logged[-1])
     if how == "remove":
         assert lines[-1] == "after remove"
+
+
+def test_text_lines_are_those_the_old_format_made(stderr_logging_after: None) -> None:
+    """The writer thread builds what loguru rendered before from this format, to the character."""
+    from loguru import logger
+
+    def old_format(record: Any) -> str:
+        context = "[{extra[job_id]}] " if record["extra"].get("job_id") else ""
+        return (
+            "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + context + "{message}\n{exception}"
+        )
+
+    out, reference = io.StringIO(), io.StringIO()
+    setup_logging("text", "DEBUG", stream=out)
+    logger.add(  # as the old setup_logging added its sink: a callable, these options
+        reference.write, level="DEBUG", format=old_format, backtrace=False, diagnose=False,
+        colorize=False, catch=True,
+    )  # fmt: skip
+    logger.debug("no job: {} {{braces}}", "é ✓")
+    for job_id in ("ping-1-abc", 0, "", 17):
+        with logger.contextualize(job_id=job_id):
+            logger.warning("in job {}", job_id)
+    logger.bind(job_id="j-2").opt(lazy=True).info("lazy {}", lambda: 42)
+    logger.success("a level name longer than seven")
+    try:
+        raise ValueError("bad\nvalue ü")  # ü: a non-ASCII traceback, as utf8 renders it
+    except ValueError:
+        logger.opt(exception=True).error("failed")
+    logging.getLogger("redis").error("from stdlib")
+    flush_logs()
+    assert out.getvalue() == reference.getvalue()
+    assert out.getvalue().count("Traceback") == 1
+
+
+def test_json_lines_are_those_the_old_sink_made(stderr_logging_after: None) -> None:
+    from loguru import logger
+
+    def old_json_line(message: Any) -> None:  # the old sink, minus redaction (no secrets here)
+        record = message.record
+        payload: dict[str, Any] = {
+            "ts": record["time"].isoformat(timespec="milliseconds"),
+            "level": record["level"].name,
+            "message": record["message"],
+        }
+        payload.update(record["extra"])
+        if record["exception"] is not None:
+            exc = record["exception"]
+            payload["error"] = f"{exc.type.__name__ if exc.type else 'Error'}: {exc.value}"
+        reference.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
+
+    out, reference = io.StringIO(), io.StringIO()
+    setup_logging("json", "DEBUG", stream=out)
+    logger.add(old_json_line, level="DEBUG", backtrace=False, diagnose=False, catch=True)
+    with logger.contextualize(job_id="j-1", job_name="ping", attempt=2):
+        logger.info("picked up {}", "é")
+        logger.bind(when=dt.date(2024, 5, 1), n=None).debug("with extras")
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        logger.exception("failed {}", 1)
+    logging.getLogger("httpx").warning("from stdlib")
+    flush_logs()
+    assert out.getvalue() == reference.getvalue()
+    assert len(out.getvalue().splitlines()) == 4
