@@ -1,6 +1,6 @@
 """What the per-job log lines cost the event loop: the old synchronous sink against worker.logs.
 
-    python bench/log_cost.py [--jobs 20000] [--rounds 5] [--formats text,json] [--io]
+    python bench/log_cost.py [--jobs 20000] [--rounds 5] [--formats text,json] [--io] [--merged]
 
 Each measurement runs in a fresh child process set up as `python -m worker` sets up logging
 (`setup_logging(format, level, secrets)`, stderr) with its stderr a pipe that this process reads
@@ -8,9 +8,11 @@ and throws away, as a log collector would. The child makes, per job, the calls
 worker/dispatch.py makes: `logger.contextualize(job_id, job_name, attempt)` around "Job picked
 up", "Currently processing" and the lazy "Processing job | ... | Started: <ISO time>" line, then
 the bound, lazy "Job completed" line of the completion listener. In a tight loop by default;
-with `--io` each job follows a round trip to another process on an asyncio loop, as a worker's
-jobs follow Redis replies: the loop waits in epoll between jobs, which is when a writer thread
-gets to run (and, if it is woken per line, where its hand-offs cost).
+with `--io` each job follows a round trip to another process on the worker's event loop (uvloop
+when installed), as a worker's jobs follow Redis replies: the loop waits in epoll between jobs,
+which is when a writer thread gets to run (and, if it is woken per line, where its hand-offs
+cost). `--merged` measures a proposal instead of what dispatch.py does: the three pick-up lines
+as one, without the ISO "Started" time (every line carries its time already), 2 calls per job.
 
 Sinks: `sync` is the sink worker/logs.py had before the queued one (format, redact, write,
 flush, on the caller's thread), copied here so it can still be measured; `current` is whatever
@@ -105,6 +107,7 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     from loguru import logger
 
+    from worker.cli import event_loop_factory
     from worker.results import node_json
 
     if args.sink == "sync":
@@ -120,6 +123,29 @@ def child(args: argparse.Namespace) -> None:
 
     stats = SimpleNamespace(currently_processing=1, processed=0, success_rate="100.00%")
     result = {"ok": True, "echo": "hello"}
+
+    def two_lines(i: int) -> None:  # --merged: a proposal, not what dispatch.py does
+        job_id = f"ping-1712345678901-{i:x}abc"
+        name, attempt, max_attempts = "ping", 1, 3
+        with logger.contextualize(job_id=job_id, job_name=name, attempt=attempt):
+            logger.info(
+                "Job picked up: {} ({}) | Attempt: {}/{} | Currently processing: {} jobs",
+                job_id,
+                name,
+                attempt,
+                max_attempts,
+                stats.currently_processing,
+            )
+        duration = 0.0012
+        stats.processed += 1
+        logger.bind(job_id=job_id, job_name=name).opt(lazy=True).info(
+            "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
+            lambda: job_id,
+            lambda: duration,
+            lambda: len(node_json(result).encode()),
+            lambda: stats.processed,
+            lambda: stats.success_rate,
+        )
 
     def one_job(i: int) -> None:
         job_id = f"ping-1712345678901-{i:x}abc"
@@ -146,15 +172,17 @@ def child(args: argparse.Namespace) -> None:
             lambda: stats.success_rate,
         )
 
+    job = two_lines if args.merged else one_job
     if args.io:
-        figures = asyncio.run(with_round_trips(args.jobs, one_job, flush))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # uvloop, as the worker
+            figures = runner.run(with_round_trips(args.jobs, job, flush))
     else:
         for i in range(min(2000, args.jobs)):  # warm-up: caches, the writer thread, the pipe
-            one_job(i)
+            job(i)
         flush()
         with Clock(args.jobs, flush) as figures:
             for i in range(args.jobs):
-                one_job(i)
+                job(i)
     print(json.dumps(figures), flush=True)
 
 
@@ -214,11 +242,12 @@ async def with_round_trips(jobs: int, one_job: Any, flush: Any) -> Clock:
 
 
 def measure(
-    sink: str, level: str, log_format: str, jobs: int, io: bool
+    sink: str, level: str, log_format: str, args: argparse.Namespace
 ) -> tuple[dict[str, float], int]:
     """One child; returns its figures and how many bytes it wrote to stderr."""
     cmd = [sys.executable, __file__, "--child", "--sink", sink, "--level", level]
-    cmd += ["--format", log_format, "--jobs", str(jobs)] + (["--io"] if io else [])
+    cmd += ["--format", log_format, "--jobs", str(args.jobs)]
+    cmd += ["--io"] * args.io + ["--merged"] * args.merged
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     written = 0
 
@@ -245,6 +274,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--formats", default="text,json")
     p.add_argument("--io", action="store_true", help="a round trip to another process per job")
+    p.add_argument(
+        "--merged", action="store_true", help="2 lines per job: the 3 pick-up lines merged in one"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sink", choices=SINKS, default="current", help=argparse.SUPPRESS)
     p.add_argument("--level", default="INFO", help=argparse.SUPPRESS)
@@ -254,7 +286,8 @@ def main() -> None:
         child(args)
         return
     mode = "a round trip to another process per job" if args.io else "a tight loop"
-    print(f"{args.jobs} jobs x 4 log calls in {mode}; µs per job, min / median of {args.rounds}")
+    calls = "2 log calls (--merged)" if args.merged else "4 log calls"
+    print(f"{args.jobs} jobs x {calls} in {mode}; µs per job, min / median of {args.rounds}")
     head = ("format", "level", "sink", "main CPU", "process CPU", "wall", "stderr")
     print("{:<6} {:<8} {:<8} {:>13} {:>13} {:>13} {:>8}".format(*head))
     configs = [
@@ -263,7 +296,7 @@ def main() -> None:
     runs: dict[tuple[str, str, str], list[tuple[dict[str, float], int]]] = {c: [] for c in configs}
     for _ in range(args.rounds):  # round-robin, so a noisy moment does not hit one row only
         for c in configs:
-            runs[c].append(measure(c[2], c[1], c[0], args.jobs, args.io))
+            runs[c].append(measure(c[2], c[1], c[0], args))
     for (log_format, level, sink), results in runs.items():
         cells = []
         for key in ("main", "cpu", "wall"):
