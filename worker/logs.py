@@ -1,7 +1,8 @@
 """One loguru setup for the process: text or JSON lines, job context on every line, no secrets.
 
-Lines leave without blocking the caller: the sink queues each rendered line and a writer thread
-redacts and writes them in batches (QueuedSink). `flush_logs()` waits until all are written.
+Lines leave without blocking the caller: the sink queues what each line needs and a writer
+thread formats, redacts and writes them in batches (QueuedSink). `flush_logs()` waits until all
+queued lines are written; exit, an unhandled exception and `logger.remove()` flush too.
 """
 
 from __future__ import annotations
@@ -147,9 +148,10 @@ _COALESCE_S = 0.002
 
 
 class QueuedSink:
-    """A loguru sink that takes lines off the caller's thread: loguru renders the record, the
-    sink queues it (O(1), under loguru's lock) and a daemon thread writes what is queued in
-    batches: redacted, joined, one write and one flush per batch, in order.
+    """A loguru sink that takes lines off the caller's thread: loguru renders the message, the
+    sink queues it with the record fields the line needs (O(1), under loguru's lock) and a daemon
+    thread writes what is queued in batches: formatted, joined, redacted, one write and one
+    flush per batch, in order.
 
     `drain()` blocks until every line queued before it is written; `stop()` (loguru calls it
     on `logger.remove()`, and at exit) drains and ends the thread. There is no `flush` method on
