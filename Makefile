@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-runtime
 NODE_DIRS := tests/node contract/node
 
-.PHONY: run test test-python test-node check lint install node-deps bench lock clean stop-redis
+.PHONY: run test test-python test-node check lint install node-deps bench prompt-tokens lock clean \
+	stop-redis
 
 run: $(RUN_STAMP) ## run the worker (starts a private Redis on this machine if none answers)
 	./scripts/ensure-redis.sh
@@ -61,6 +62,11 @@ node-deps: $(addsuffix /node_modules/.installed,$(NODE_DIRS))
 bench: install bench/node_modules/.installed ## Python vs Node worker, side by side (ARGS=--quick: 1 round)
 	./scripts/ensure-redis.sh
 	$(PY) bench/run.py $(ARGS)
+
+prompt-tokens: install ## tokens per job: the prompts of main (ARGS=--ref REF) against this tree
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements-tokens.txt
+	./scripts/ensure-redis.sh
+	$(PY) bench/prompt_tokens.py $(ARGS)
 
 lock: ## re-resolve the Python lock files from pyproject.toml (then review the diff)
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv

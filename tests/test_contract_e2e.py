@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,16 +135,18 @@ def lesson_replies(document: dict[str, Any]) -> list[dict[str, Any]]:
     from processors.generate_lesson import target_language
     from processors.shared.lesson_steps import ENGLISH_FIELDS, OTHER_FIELDS
 
-    terms = ["contract", "consideration", "offer", "acceptance", "binding agreement"]
+    # Terms taken from the material itself: the processor drops keywords the text lacks.
+    words = re.findall(r"\w{4,}|[\u3040-\u9fff]+", document["content"])
+    terms = list(dict.fromkeys(words))[:5]
     english = target_language(document.get("targetLanguage")) == "English"
     fields = ENGLISH_FIELDS if english else OTHER_FIELDS
     vocabulary = [
         dict(zip(fields, (t, f"{t}: défini", f"{t} (ñ)", f"Ein {t}.", f"A {t}."), strict=True))
         for t in terms
     ]
-    script = [
-        {"speaker": "Assistant", "message": "Was macht einen Vertrag bindend?"},
-        {"speaker": "User", "message": "Angebot und Annahme — 契約."},
+    script = [  # uses every term, so the conversation is not asked for a second time
+        {"speaker": "Assistant", "message": f"Was macht einen Vertrag bindend? {terms[0]}"},
+        {"speaker": "User", "message": f"Angebot und Annahme — 契約: {', '.join(terms[1:])}."},
     ]
     return [
         {"keywords": terms},

@@ -722,3 +722,19 @@ async def test_fake_openai_refuses_what_openai_would_refuse(openai_fake: FakeOpe
         openai_fake.schema_mismatches.clear()
     finally:
         await client.close()
+
+
+def test_the_system_prompt_keeps_the_rules_the_node_prompt_gave() -> None:
+    # Issue 18: each rule of the Node prompt that ours had dropped, in the stable prefix.
+    prompt = " ".join(gf.SYSTEM_PROMPT.split())
+    for rule in (
+        "short, simple sentence",  # example sentences: simple and clear
+        "as its focus",  # the term is the sentence's focus
+        "about the subject",  # relevant to the subject
+        "no jargon beyond that term",
+        "Mix the difficulties",
+        "a phrase naming one concept",  # concept phrases as fronts
+        "following its own headings and sections",  # topic mode
+    ):
+        assert rule in prompt, rule
+    assert "{" not in gf.SYSTEM_PROMPT  # nothing per job in it

@@ -110,11 +110,19 @@ def vocabulary(terms: list[str], *, english: bool = True) -> dict[str, Any]:
     return {"vocabulary": items}
 
 
-def conversation(topic: str) -> dict[str, Any]:
+def vocabulary_terms(topic: int, *, english: bool = True) -> list[str]:
+    """The terms of `vocabulary()` for TOPICS[topic] (what a conversation must use)."""
+    return [t if english else f"le {t}" for t in TOPICS[topic]["keywords"]]
+
+
+def conversation(topic: int, *, english: bool = True, leave_out: int = 0) -> dict[str, Any]:
+    """A script for TOPICS[topic] that uses its terms, all but the last `leave_out`."""
+    terms = vocabulary_terms(topic, english=english)
+    used = terms[: len(terms) - leave_out]
     return {
         "conversation": [
-            {"speaker": "Assistant", "message": f"Let's talk about {topic}."},
-            {"speaker": "User", "message": "Gladly."},
+            {"speaker": "Assistant", "message": f"Let's talk about {TOPICS[topic]['name']}."},
+            {"speaker": "User", "message": f"Gladly: {', '.join(used)}."},
         ]
     }
 
@@ -129,7 +137,7 @@ def reply(label: str, *, english: bool = True) -> Scripted:
     elif label[0] == "V":
         content = vocabulary(TOPICS[int(label[1]) - 1]["keywords"], english=english)
     else:
-        content = conversation(TOPICS[int(label[1]) - 1]["name"])
+        content = conversation(int(label[1]) - 1, english=english)
     return completion(content, prompt_tokens=prompt, completion_tokens=out)
 
 
@@ -229,7 +237,7 @@ async def test_english_target_writes_lessons_vocabulary_and_conversations(
     # The result's lessons are the rows as Supabase holds them, conversation included.
     assert result["lessons"] == lessons
     script = json.loads(lessons[0]["chat_content"])
-    assert script == conversation("Cardiología")
+    assert script == conversation(0)
 
     # lesson_vocabulary: INTEROP's columns from the English fields.
     assert_written_once(db)
@@ -273,7 +281,11 @@ async def test_english_target_writes_lessons_vocabulary_and_conversations(
     state = await job.state()
     assert state["result"] == result and "pending_usage" not in state
     assert 0 < await job.redis.ttl(job.state_key) <= RESULT_TTL_S
-    assert logs.find("Keywords: 12 from the model, 8 after clean-up")
+    assert logs.find(
+        "Keywords: 12 from the model, 2 not in the content (dropped: 42, x), 8 after clean-up"
+    )
+    assert logs.find("Conversation of Medicine - Cardiología uses 4/4 terms (100%)")
+    assert logs.find("Lessons done: 6 OpenAI calls (at most 8 for 2 topics)")
 
 
 @pytest.mark.parametrize("target", ["French", "Deutsch"])
@@ -290,7 +302,7 @@ async def test_non_english_target_uses_the_other_field_names(
     assert bodies[2]["messages"][0]["content"] == steps.VOCABULARY_OTHER_PROMPT
     assert f"TARGET language: {target}" in bodies[2]["messages"][1]["content"]
     assert f"TARGET language: {target}" in bodies[3]["messages"][1]["content"]
-    assert '"le heart rate"' in bodies[3]["messages"][1]["content"]  # the lesson's terms
+    assert "- le heart rate: heart rate (es)\n" in bodies[3]["messages"][1]["content"]
 
     word = next(r for r in rows_of(db, "lesson_vocabulary") if r["keywords"] == "le valve")
     assert word["native_translation"] == "valve (es)"  # from target_translation
@@ -511,6 +523,186 @@ async def test_a_transient_conversation_failure_is_retried_then_given_up_on_the_
     assert logs.find("No conversation for lesson", level="WARNING")
     assert steps_called(openai_fake) == ["K", "T", "V", "C", "C", "C", "V", "C"]
     assert_written_once(db)
+
+
+# --- the checks in code: keywords, vocabulary, conversation coverage (issue 18) -----------------
+
+
+async def test_keywords_that_do_not_occur_in_the_content_are_dropped(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, logs: LogLines
+) -> None:
+    # The model pads the list with related terms the text never uses; inflected forms of
+    # terms it does use stay.
+    raw = ["Heart rates", "ARRHYTHMIAS", "stethoscope", "myocardial infarction", "biopsies",
+           "Tissue", "valves", "rate heart", "cardiologist"]  # fmt: skip
+    openai_fake.script(completion({"keywords": raw}), server_error(500))
+    job = new_job()
+    with pytest.raises(RetryableJobError):
+        await job.attempt()
+    kept = ["heart rates", "arrhythmias", "biopsies", "tissue", "valves"]
+    assert (await job.state())["keywords"] == kept
+    topics_user = openai_fake.chat_requests[1].body["messages"][1]["content"]
+    assert f"Terms: {json.dumps(kept)}" in topics_user
+    assert logs.find(
+        "Keywords: 9 from the model, 4 not in the content (dropped: stethoscope, "
+        "myocardial infarction, rate heart, cardiologist), 5 after clean-up"
+    )
+
+
+async def test_only_invented_keywords_fail_the_job_at_once(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI
+) -> None:
+    openai_fake.script(completion({"keywords": ["stethoscope", "cardiac surgery"]}))
+    with pytest.raises(PermanentJobError, match="No key terms"):
+        await new_job().attempt()
+
+
+def test_ground_keywords_ignores_case_accents_and_inflection() -> None:
+    content = (
+        "Las enfermedades del corazón se estudian con el análisis de sangre; los médicos "
+        "miden la presión arterial. Die Herzen schlagen."
+    )
+    raw = ["Corazon", "enfermedad", "ANÁLISIS DE SANGRE", "presión  arterial", "médico",
+           "hipertensión", "sangre arterial", "Herz", 7, " "]  # fmt: skip
+    found, absent = steps.ground_keywords(raw, content)
+    assert found == ["Corazon", "enfermedad", "ANÁLISIS DE SANGRE", "presión  arterial",
+                     "médico", "Herz"]  # fmt: skip
+    assert absent == ["hipertensión", "sangre arterial"]
+
+
+async def test_vocabulary_entries_for_terms_not_asked_for_are_dropped(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest, logs: LogLines
+) -> None:
+    # One invented among them, one repeated at the end.
+    padded = vocabulary([KEYWORDS[0], "stethoscope", *KEYWORDS[1:4], "Valves"])
+    openai_fake.script(
+        reply("K"), reply("T"), completion(padded), reply("C1"), reply("V2"), reply("C2")
+    )
+    job = new_job()
+    await job.attempt()
+    assert_written_once(db)  # four rows for the first lesson, as asked
+    first = rows_of(db, "esp_lessons")[0]["id"]
+    words = [r["keywords"] for r in rows_of(db, "lesson_vocabulary") if r["lesson_id"] == first]
+    assert words == KEYWORDS[:4]
+    assert [v["english_term"] for v in (await job.state())["vocab:0"]] == KEYWORDS[:4]
+    assert logs.find(
+        "Vocabulary of Cardiología: 2 entries not for the terms asked, dropped: stethoscope, Valves"
+    )
+
+
+def test_keep_asked_terms_matches_base_forms_and_holds_translations_to_the_count() -> None:
+    asked = ["heart rate", "valve", "biopsy", "tissue"]
+    terms = ["Heart Rates", "scalpel", "valve", "biopsies", "tissue", "valves"]
+    same = steps.clean_vocabulary(vocabulary(terms)["vocabulary"], english=True)
+    kept, dropped = steps.keep_asked_terms(same, asked, english=True)
+    assert [k["english_term"] for k in kept] == ["Heart Rates", "valve", "biopsies", "tissue"]
+    assert dropped == ["scalpel", "valves"]
+    # A French target: the terms come back translated, so none match; the count still holds.
+    french = vocabulary(["fréquence cardiaque", "valve", "biopsie", "tissu", "scalpel"],
+                        english=False)["vocabulary"]  # fmt: skip
+    kept, dropped = steps.keep_asked_terms(french, asked, english=False)
+    assert [k["target_term"] for k in kept] == [
+        "le fréquence cardiaque", "le valve", "le biopsie", "le tissu",
+    ]  # fmt: skip
+    assert dropped == ["le scalpel"]
+
+
+async def test_a_conversation_that_leaves_out_terms_is_asked_for_once_more_naming_them(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest, logs: LogLines
+) -> None:
+    short = completion(conversation(0, leave_out=2), prompt_tokens=400, completion_tokens=80)
+    openai_fake.script(
+        reply("K"), reply("T"), reply("V1"), short, reply("C1"), reply("V2"), reply("C2")
+    )
+    job = new_job()
+    result = await job.attempt()
+
+    assert steps_called(openai_fake) == ["K", "T", "V", "C", "C", "V", "C"]
+    first, again = (r.body["messages"] for r in openai_fake.chat_requests[3:5])
+    assert first[0] == again[0] and first[0]["content"] == steps.CONVERSATION_PROMPT
+    assert again[1]["content"].startswith(first[1]["content"])
+    assert 'left out these terms: ["arrhythmia", "valve"]' in again[1]["content"]
+    # Each term goes with its meaning in the native language (its sense in this lesson).
+    assert "- valve: valve (es)" in first[1]["content"]
+    assert json.loads(result["lessons"][0]["chat_content"]) == conversation(0)
+    assert result["tokenUsage"] == TOTAL_TOKENS + 480  # the extra call is paid and counted
+    assert len(db.rpc_calls("increment_tokens")) == len(ORDER) + 1
+    assert logs.find("uses 2/4 terms (50%); missing: arrhythmia, valve")
+    assert logs.find("asked once more: uses 4/4 terms (100%), keeping the second")
+    assert logs.find("Lessons done: 7 OpenAI calls (at most 8 for 2 topics)")
+    assert (await job.state())["calls"] == 7
+
+
+@pytest.mark.parametrize(
+    ("second", "kept_leave_out", "said"),
+    [
+        (completion(conversation(0, leave_out=3)), 1, "keeping the first"),
+        (completion(conversation(0, leave_out=1)), 1, "keeping the second"),  # a tie: the new one
+        (refused("No."), 1, "could not be asked for again"),
+        (server_error(500), 1, "could not be asked for again"),
+    ],
+    ids=["worse", "as-good", "refused", "server-error"],
+)
+async def test_the_second_conversation_is_kept_only_when_it_covers_at_least_as_many_terms(
+    new_job: Callable[..., ProcessorJob],
+    openai_fake: FakeOpenAI,
+    logs: LogLines,
+    second: Scripted,
+    kept_leave_out: int,
+    said: str,
+) -> None:
+    openai_fake.script(
+        reply("K"), reply("T"), reply("V1"), completion(conversation(0, leave_out=1)), second,
+        reply("V2"), reply("C2"),
+    )  # fmt: skip
+    result = await new_job().attempt()
+    script = json.loads(result["lessons"][0]["chat_content"])
+    assert script == conversation(0, leave_out=kept_leave_out)
+    assert logs.find(said)
+    assert openai_fake.calls == 7
+
+
+async def test_every_conversation_short_stays_within_the_call_bound(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, logs: LogLines
+) -> None:
+    shorts = [completion(conversation(t, leave_out=4)) for t in (0, 1) for _ in range(2)]
+    openai_fake.script(
+        reply("K"), reply("T"), reply("V1"), *shorts[:2], reply("V2"), *shorts[2:]
+    )  # fmt: skip
+    result = await new_job().attempt()
+    assert openai_fake.calls == gl.max_calls(2) == 8  # one more ask per conversation, no more
+    assert all(json.loads(row["chat_content"]) for row in result["lessons"])
+    assert logs.find("Lessons done: 8 OpenAI calls (at most 8 for 2 topics)")
+
+
+async def test_a_rate_limit_on_the_second_ask_resumes_there_without_asking_the_first_again(
+    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
+) -> None:
+    openai_fake.script(
+        reply("K"), reply("T"), reply("V1"), completion(conversation(0, leave_out=2)),
+        rate_limited(retry_after_s=2), reply("C1"), reply("V2"), reply("C2"),
+    )  # fmt: skip
+    job = new_job()
+    with pytest.raises(RateLimited):
+        await job.attempt(1)
+    assert "chat_first:0" in await job.state()
+    result = await job.attempt(1)
+    assert steps_called(openai_fake) == ["K", "T", "V", "C", "C", "C", "V", "C"]
+    assert json.loads(result["lessons"][0]["chat_content"]) == conversation(0)
+    assert_written_once(db)
+
+
+def test_coverage_threshold_and_missing_terms() -> None:
+    terms = ["heart rate", "valve", "biopsy", "tissue", "arrhythmia"]
+    chat = json.dumps({"conversation": [
+        {"speaker": "Assistant", "message": "Your heart-rate is fine; the valves too."},
+        {"speaker": "User", "message": "And the biopsies of that tissue?"},
+    ]})  # fmt: skip
+    missing = steps.conversation_missing(chat, terms)
+    assert missing == ["arrhythmia"]
+    assert steps.coverage(missing, terms) == 0.8 >= steps.COVERAGE_THRESHOLD  # not asked again
+    assert steps.coverage(["valve", *missing], terms) < steps.COVERAGE_THRESHOLD
+    assert steps.coverage([], []) == 1.0
 
 
 # --- budget ------------------------------------------------------------------------------------
@@ -802,3 +994,18 @@ async def test_kill_9_in_the_supabase_crash_windows_writes_each_row_once(
     # The adopted rows were found by the id recorded before the insert, not inserted again.
     upserts = db.rest_requests("POST", LESSONS)
     assert [r.body["id"] for r in upserts][:2] == [lessons[0]["id"]] * 2
+
+
+def test_the_step_prompts_keep_the_rules_the_node_prompts_gave() -> None:
+    # Issue 18: the rules back in each stable prefix (and checked in code, tests above).
+    def text(prompt: str) -> str:
+        return " ".join(prompt.split())
+
+    assert "only terms that occur in the document" in text(steps.KEYWORDS_PROMPT)
+    assert "rather than pad the list" in text(steps.KEYWORDS_PROMPT)
+    for prompt in (steps.VOCABULARY_ENGLISH_PROMPT, steps.VOCABULARY_OTHER_PROMPT):
+        assert "one entry for each term given, in the given order, and no other terms" in text(
+            prompt
+        )
+    assert "Use every one of the lesson's terms at least once" in text(steps.CONVERSATION_PROMPT)
+    assert all("{" not in step.system_prompt for step in steps.STEPS)

@@ -288,3 +288,19 @@ def test_backoffs_are_bullmqs_built_in_ones() -> None:
             for n in (1, 2, 3)] == [2000, 4000, 8000]  # fmt: skip
     with pytest.raises(ValueError, match="unknown backoff strategy 'jitter'"):
         backoff_delay_ms({"backoff": {"type": "jitter", "delay": 1}}, 1)
+
+
+def test_only_the_protocol_module_imports_bullmq() -> None:
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    importers = set()
+    for path in [*root.glob("worker/*.py"), *root.glob("processors/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            )  # fmt: skip
+            if any(name == "bullmq" or name.startswith("bullmq.") for name in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"worker/protocol.py"}

@@ -1,21 +1,26 @@
-"""Unit tests: settings, results encoding, registry, idempotency key, log redaction."""
+"""Unit tests: settings, results encoding, registry, idempotency key, log redaction and sink."""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
 import json
+import logging
 import math
 import re
 import subprocess
+import sys
+import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from worker.errors import ConfigError, UnknownJobType
 from worker.idempotency import idempotency_key
-from worker.logs import setup_logging
+from worker.logs import flush_logs, setup_logging
 from worker.registry import ProcessorSpec, Registry
 from worker.results import UnsafeResult, node_json, to_json_safe
 from worker.settings import Settings, unread_variables, variables_read
@@ -192,10 +197,12 @@ def test_log_lines_never_carry_a_secret() -> None:
             raise RuntimeError("boom sk-test-SECRET-123")
         except RuntimeError:
             logger.exception("failed")
+    flush_logs()  # lines are written by the sink's thread
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["job_id"] for line in lines] == ["job-1", "job-1"]
     assert "SECRET" not in out.getvalue() and "hunter2" not in out.getvalue()
     assert "***" in lines[0]["message"]
+    assert lines[1]["error"] == "RuntimeError: boom ***"
     setup_logging("text", "INFO")
 
 
@@ -204,3 +211,216 @@ def test_mypy_strict_covers_every_package() -> None:
     shipped = {name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}
     assert pyproject["tool"]["mypy"]["strict"] is True
     assert shipped <= set(pyproject["tool"]["mypy"]["packages"])
+
+
+@pytest.fixture
+def stderr_logging_after() -> Iterator[None]:
+    yield
+    setup_logging("text", "INFO")
+
+
+class GatedStream(io.StringIO):
+    """A stream whose writes wait until `gate` is set: a stderr reader that stalled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.writer_threads: set[str] = set()
+
+    def write(self, text: str) -> int:
+        self.writer_threads.add(threading.current_thread().name)
+        self.gate.wait(10)
+        return super().write(text)
+
+
+def test_logging_calls_do_not_wait_for_the_stream(stderr_logging_after: None) -> None:
+    from loguru import logger
+
+    out = GatedStream()
+    setup_logging("text", "INFO", ["hunter2hunter2"], stream=out)
+    for i in range(500):  # would block 10 s on the first line if the caller wrote
+        logger.info("line {} hunter2hunter2", i)
+    assert out.getvalue() == ""
+    out.gate.set()
+    flush_logs()
+    lines = out.getvalue().splitlines()
+    assert [line.rsplit(" | ", 1)[1] for line in lines] == [f"line {i} ***" for i in range(500)]
+    assert out.writer_threads == {"log-writer"}
+
+
+def test_text_lines_keep_their_order_context_and_redaction(stderr_logging_after: None) -> None:
+    from loguru import logger
+
+    out = io.StringIO()
+    setup_logging("text", "INFO", ["sk-test-SECRET-123"], stream=out)
+
+    def log_from(thread: int) -> None:
+        for i in range(2000):
+            with logger.contextualize(job_id=f"job-{thread}"):
+                logger.info("{} {} sk-test-SECRET-123", thread, i)
+
+    threads = [threading.Thread(target=log_from, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logger.debug("below the level")
+    flush_logs()
+    text = out.getvalue()
+    assert "SECRET" not in text and "below the level" not in text
+    lines = text.splitlines()
+    assert len(lines) == 8000
+    for thread in range(4):  # every line, each thread's in the order it logged them
+        mine = [line for line in lines if f"| [job-{thread}] {thread} " in line]
+        assert [int(line.split()[-2]) for line in mine] == list(range(2000))
+        assert all(line.endswith(" ***") for line in mine)
+
+
+def test_a_second_setup_drains_and_stops_the_first_writer(stderr_logging_after: None) -> None:
+    from loguru import logger
+
+    first, second = GatedStream(), io.StringIO()
+    setup_logging("json", "INFO", stream=first)
+    logger.info("to the first")
+    threading.Timer(0.2, first.gate.set).start()
+    setup_logging("text", "INFO", stream=second)  # logger.remove(): the first sink drains
+    assert json.loads(first.getvalue())["message"] == "to the first"
+    logger.info("to the second")
+    flush_logs()
+    assert "to the second" in second.getvalue() and "to the second" not in first.getvalue()
+    assert [t.name for t in threading.enumerate()].count("log-writer") == 1
+
+
+def test_the_writer_bounds_its_queue_by_waiting_never_by_dropping(
+    stderr_logging_after: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from loguru import logger
+
+    from worker import logs
+
+    monkeypatch.setattr(logs, "_HIGH_WATER", 10)
+    out = GatedStream()
+    setup_logging("text", "INFO", stream=out)
+    threading.Timer(0.3, out.gate.set).start()
+    began = time.monotonic()
+    for i in range(100):  # waits for the writer once 10 lines are queued
+        logger.info("line {}", i)
+    assert time.monotonic() - began > 0.25
+    flush_logs()
+    assert [line.rsplit(" ", 1)[1] for line in out.getvalue().splitlines()] == [
+        str(i) for i in range(100)
+    ]
+
+
+def test_stdlib_logging_still_reaches_the_sink(stderr_logging_after: None) -> None:
+    out = io.StringIO()
+    setup_logging("text", "INFO", ["p4ssw0rd-xyz"], stream=out)
+    logging.getLogger("bullmq").warning("retrying with p4ssw0rd-xyz")
+    logging.getLogger("bullmq").info("below WARNING: stdlib drops it")
+    flush_logs()
+    assert out.getvalue().count("\n") == 1
+    assert "| WARNING | retrying with ***" in out.getvalue()
+
+
+EXIT_SCRIPT = """
+import sys
+from loguru import logger
+from worker.logs import setup_logging
+setup_logging(sys.argv[1], "INFO", ["hunter2hunter2"])
+for i in range(3000):
+    logger.info("line {} hunter2hunter2", i)
+if sys.argv[2] == "crash":
+    raise RuntimeError("unhandled")
+if sys.argv[2] == "remove":
+    logger.remove()
+    sys.stderr.write("after remove\\n")
+    sys.stderr.flush()
+    import os
+    os._exit(3)
+"""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("how", ["return", "crash", "remove"])
+def test_every_line_is_written_before_the_process_ends(log_format: str, how: str) -> None:
+    from tests.support.proc import REPO_ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, log_format, how],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == {"return": 0, "crash": 1, "remove": 3}[how], done.stderr
+    lines = done.stderr.splitlines()
+    logged = [line for line in lines if "INFO" in line]
+    assert len(logged) == 3000 and "hunter2" not in done.stderr
+    assert all(f"line {i} ***" in line for i, line in enumerate(logged))
+    if how == "crash":  # the lines that led to the crash come before its traceback
+        assert lines.index("Traceback (most recent call last):") > lines.index(logged[-1])
+    if how == "remove":
+        assert lines[-1] == "after remove"
+
+
+def test_text_lines_are_those_the_old_format_made(stderr_logging_after: None) -> None:
+    """The writer thread builds what loguru rendered before from this format, to the character."""
+    from loguru import logger
+
+    def old_format(record: Any) -> str:
+        context = "[{extra[job_id]}] " if record["extra"].get("job_id") else ""
+        return (
+            "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + context + "{message}\n{exception}"
+        )
+
+    out, reference = io.StringIO(), io.StringIO()
+    setup_logging("text", "DEBUG", stream=out)
+    logger.add(  # as the old setup_logging added its sink: a callable, these options
+        reference.write, level="DEBUG", format=old_format, backtrace=False, diagnose=False,
+        colorize=False, catch=True,
+    )  # fmt: skip
+    logger.debug("no job: {} {{braces}}", "é ✓")
+    for job_id in ("ping-1-abc", 0, "", 17):
+        with logger.contextualize(job_id=job_id):
+            logger.warning("in job {}", job_id)
+    logger.bind(job_id="j-2").opt(lazy=True).info("lazy {}", lambda: 42)
+    logger.success("a level name longer than seven")
+    try:
+        raise ValueError("bad\nvalue ü")  # ü: a non-ASCII traceback, as utf8 renders it
+    except ValueError:
+        logger.opt(exception=True).error("failed")
+    logging.getLogger("redis").error("from stdlib")
+    flush_logs()
+    assert out.getvalue() == reference.getvalue()
+    assert out.getvalue().count("Traceback") == 1
+
+
+def test_json_lines_are_those_the_old_sink_made(stderr_logging_after: None) -> None:
+    from loguru import logger
+
+    def old_json_line(message: Any) -> None:  # the old sink, minus redaction (no secrets here)
+        record = message.record
+        payload: dict[str, Any] = {
+            "ts": record["time"].isoformat(timespec="milliseconds"),
+            "level": record["level"].name,
+            "message": record["message"],
+        }
+        payload.update(record["extra"])
+        if record["exception"] is not None:
+            exc = record["exception"]
+            payload["error"] = f"{exc.type.__name__ if exc.type else 'Error'}: {exc.value}"
+        reference.write(json.dumps(payload, ensure_ascii=False, default=str) + "\n")
+
+    out, reference = io.StringIO(), io.StringIO()
+    setup_logging("json", "DEBUG", stream=out)
+    logger.add(old_json_line, level="DEBUG", backtrace=False, diagnose=False, catch=True)
+    with logger.contextualize(job_id="j-1", job_name="ping", attempt=2):
+        logger.info("picked up {}", "é")
+        logger.bind(when=dt.date(2024, 5, 1), n=None).debug("with extras")
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        logger.exception("failed {}", 1)
+    logging.getLogger("httpx").warning("from stdlib")
+    flush_logs()
+    assert out.getvalue() == reference.getvalue()
+    assert len(out.getvalue().splitlines()) == 4

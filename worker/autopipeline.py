@@ -1,12 +1,20 @@
-"""A Lua script called from many slots: calls that find every lane busy go out together.
+"""A Lua script called from many slots: the calls of one event-loop turn go out as one write.
 
-ioredis in Node writes the commands of many jobs to its socket back to back; redis-py sends
-each one by itself, waits for its reply, and pays a pooled connection per call. Here a call
-goes out at once while fewer than `max_in_flight` are under way (always, at low concurrency);
-the calls that arrive meanwhile wait and leave as one non-transactional pipeline as soon as a
-lane frees: one write, one read, one connection for all of them. Each caller gets its own
-reply or error, as if it had called alone. With 50 slots this doubled the worker's no-op
-throughput (bench/FINDINGS.md).
+ioredis in Node writes every command issued in the same tick to its socket at once; redis-py
+sends each command by itself and waits for its reply. Here a call joins a batch that leaves at
+the end of the current loop turn, on a free lane: one write and one read for all of them, the
+cost that dominates a no-op job (the loopback write wakes Redis inside our syscall: a third of
+the worker's CPU in a py-spy profile of the no-op benchmark). Each caller gets its own reply or
+error, as if it had called alone. Calls that arrive while every lane is busy wait and leave
+together as soon as one frees (with 50 slots this doubled no-op throughput, bench/FINDINGS.md).
+
+A lane is a connection of its own, not one borrowed from the client's pool per call: a batch
+costs one packed write and one read per reply, without redis-py's pool checkout, retry wrapper
+and reply callbacks (78 -> 44 us of CPU per EVALSHA, measured against a local Redis). A lane
+whose connection fails is dropped, and its calls are sent again the ordinary way, with the
+client's retry policy (a script whose reply was lost may then answer "missing lock": the
+caller sees it). Scripts Redis does not know (after a restart or SCRIPT FLUSH) are loaded once
+and the calls that met NOSCRIPT sent again.
 """
 
 from __future__ import annotations
@@ -15,33 +23,43 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+LANE_FAILURES = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class AutoPipelinedScript:
     def __init__(self, script: AsyncScript, max_in_flight: int) -> None:
         self.script = script
-        self.max_in_flight = max_in_flight
-        self._in_flight = 0
-        self._pending: list[tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]] = []
+        self.max_in_flight = max_in_flight  # lanes
+        self._in_flight = 0  # lanes busy with a batch
+        self._pending: list[Call] = []
+        self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
+        self._idle: list[AbstractConnection] = []  # lanes' connections not in use
 
     async def __call__(
         self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None
     ) -> Any:
         if client is not None:  # an explicit client or pipeline: not ours to batch
             return await self.script(keys=keys, args=args, client=client)
-        if self._in_flight < self.max_in_flight:  # a connection is free: send it now
-            self._in_flight += 1
-            try:
-                return await self.script(keys=keys, args=args)
-            finally:
-                self._in_flight -= 1
-                self._send_pending()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((keys, args, future))
+        if not self._flush_scheduled:  # the other calls of this turn join the same batch
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._send_pending()
 
     def _send_pending(self) -> None:
         if not self._pending or self._in_flight >= self.max_in_flight:
@@ -56,9 +74,7 @@ class AutoPipelinedScript:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(
-        self, batch: list[tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _send(self, batch: list[Call]) -> None:
         try:
             replies = await self._execute(batch)
         except Exception as exc:
@@ -66,10 +82,13 @@ class AutoPipelinedScript:
         finally:
             self._in_flight -= 1
             self._send_pending()
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:
+            replies = await self._after_noscript(batch, replies, unknown)
         for (keys, args, future), reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
+            if isinstance(reply, LANE_FAILURES):  # the lane broke: the ordinary way, retried
                 try:
-                    reply = await self.script(keys=keys, args=args)  # loads it again
+                    reply = await self.script(keys=keys, args=args)
                 except Exception as exc:
                     reply = exc
             if future.done():  # the caller was cancelled meanwhile
@@ -79,10 +98,66 @@ class AutoPipelinedScript:
             else:
                 future.set_result(reply)
 
-    async def _execute(
-        self, batch: list[tuple[Sequence[Any], Sequence[Any], asyncio.Future[Any]]]
+    async def _after_noscript(
+        self, batch: list[Call], replies: list[Any], unknown: list[int]
     ) -> list[Any]:
-        async with self.script.registered_client.pipeline(transaction=False) as pipe:
-            for keys, args, _ in batch:
-                pipe.evalsha(self.script.sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+        replies = list(replies)
+        try:
+            await self.script.registered_client.script_load(self.script.script)
+            again = await self._round_trip([batch[i] for i in unknown])
+        except Exception as exc:
+            again = [exc] * len(unknown)
+        for i, reply in zip(unknown, again, strict=True):
+            replies[i] = reply
+        return replies
+
+    async def _execute(self, batch: list[Call]) -> list[Any]:
+        """One round trip for the batch; each reply, or the error Redis answered, in order."""
+        return await self._round_trip(batch)
+
+    async def _round_trip(self, batch: list[Call]) -> list[Any]:
+        conn = self._lane()
+        healthy = False
+        try:
+            sha = self.script.sha
+            packed = conn.pack_commands(
+                [("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
+            )
+            await conn.send_packed_command(packed, check_health=False)
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # an answer: the stream is still in step
+                    replies.append(exc)
+            healthy = True
+            return replies
+        finally:
+            if healthy:
+                self._idle.append(conn)
+            else:  # failed, or cancelled mid-reply: its stream can no longer be trusted
+                await _drop(conn)
+
+    def _lane(self) -> AbstractConnection:
+        if self._idle:
+            return self._idle.pop()
+        client = self.script.registered_client
+        assert isinstance(client, Redis), "lanes are for a single-node client"
+        conn: AbstractConnection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        return conn
+
+    async def aclose(self) -> None:
+        """Wait for batches under way, then close the lanes' connections (the client's pool is
+        closed by its owner)."""
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await _drop(conn)
+
+
+async def _drop(conn: AbstractConnection) -> None:
+    try:
+        await conn.disconnect(nowait=True)
+    except Exception:  # closing a broken socket: nothing left to do
+        pass

@@ -1,11 +1,22 @@
-"""One loguru setup for the process: text or JSON lines, job context on every line, no secrets."""
+"""One loguru setup for the process: text or JSON lines, job context on every line, no secrets.
+
+Lines leave without blocking the caller: the sink queues what each line needs and a writer
+thread formats, redacts and writes them in batches (QueuedSink). `flush_logs()` waits until all
+queued lines are written; exit, an unhandled exception and `logger.remove()` flush too.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import queue
 import sys
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
@@ -74,27 +85,249 @@ class _InterceptHandler(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
-def _text_format(record: Any) -> str:
-    extra = record["extra"]
-    context = ""
-    if extra.get("job_id"):
-        context = "[{extra[job_id]}] "
-    return "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | " + context + "{message}\n{exception}"
+# What the text sink keeps of a record: time, level name, job id, and loguru's rendering of
+# "{message}\n{exception}" (the exception's traceback when there is one).
+_TextItem = tuple[Any, str, Any, str]
 
 
-def _json_line(record: Any, redact: Redactor) -> str:
+def _text_line(item: _TextItem) -> str:
+    """`2024-05-01 12:00:00.123 | INFO    | [<job id>] <message>`, the job id only in a job."""
+    ts, level, job_id, rendered = item
+    stamp = ts.isoformat(" ", "milliseconds")[:23]  # loguru's YYYY-MM-DD HH:mm:ss.SSS, local
+    if job_id:
+        return f"{stamp} | {level: <7} | [{job_id}] {rendered}"
+    return f"{stamp} | {level: <7} | {rendered}"
+
+
+# What the JSON sink keeps of a record: time, level name, message, extra (a copy), error summary.
+_JsonItem = tuple[Any, str, str, dict[str, Any], str | None]
+
+
+def _error_summary(record: Any) -> str | None:
+    exc = record["exception"]
+    if exc is None:
+        return None
+    return f"{exc.type.__name__ if exc.type else 'Error'}: {exc.value}"
+
+
+def _json_line(item: _JsonItem) -> str:
+    ts, level, message, extra, error = item
     payload: dict[str, Any] = {
-        "ts": record["time"].isoformat(timespec="milliseconds"),
-        "level": record["level"].name,
-        "message": record["message"],
+        "ts": ts.isoformat(timespec="milliseconds"),
+        "level": level,
+        "message": message,
     }
-    for key, value in record["extra"].items():
-        payload[key] = value
-    if record["exception"] is not None:
-        exc = record["exception"]
-        payload["error"] = f"{exc.type.__name__ if exc.type else 'Error'}: {exc.value}"
-    line = json.dumps(payload, ensure_ascii=False, default=str)
-    return redact(line) + "\n"
+    payload.update(extra)
+    if error is not None:
+        payload["error"] = error
+    try:
+        line = json.dumps(payload, ensure_ascii=False, default=str)
+    except Exception as exc:  # an extra value that cannot be shown: keep the line without them
+        payload = {"ts": payload["ts"], "level": level, "message": message}
+        payload["log_error"] = f"extra not serialisable: {type(exc).__name__}"
+        if error is not None:
+            payload["error"] = error
+        line = json.dumps(payload, ensure_ascii=False, default=str)
+    return line + "\n"
+
+
+class _Flushed(threading.Event):
+    """Queued behind the lines to flush; set once they are written."""
+
+
+_STOP = object()
+# Lines per write: bounds one write's size when the writer falls behind.
+_BATCH_LINES = 1024
+# Queued lines at which a logging call waits for the writer (a stalled stderr reader): memory
+# stays bounded and no line is dropped, as when each call wrote for itself.
+_HIGH_WATER = 50_000
+# Once woken by a line, the writer waits this long for more before writing. Without it, on an
+# event loop that waits in epoll between jobs, the writer woke for every line and the thread
+# hand-offs cost more CPU than the writes saved (bench/log_cost.py --io). Lines leave within it.
+_COALESCE_S = 0.002
+
+
+class QueuedSink:
+    """A loguru sink that takes lines off the caller's thread: loguru renders the message, the
+    sink queues it with the record fields the line needs (O(1), under loguru's lock) and a daemon
+    thread writes what is queued in batches: formatted, joined, redacted, one write and one
+    flush per batch, in order.
+
+    `drain()` blocks until every line queued before it is written; `stop()` (loguru calls it
+    on `logger.remove()`, and at exit) drains and ends the thread. There is no `flush` method on
+    purpose: loguru would call it after every line.
+    """
+
+    encoding = "utf8"  # what loguru assumes for callable sinks; it renders tracebacks with it
+
+    def __init__(self, out: TextIO, redact: Redactor, log_format: str = "text") -> None:
+        self.name = f"queued<{getattr(out, 'name', type(out).__name__)}>"
+        self._out = out
+        self._redact = redact
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._put = self._queue.put
+        self._qsize = self._queue.qsize
+        json_lines = log_format == "json"
+        # `write` is an attribute, not a method: one capture per format, nothing to test per line.
+        self.write: Callable[[Any], None] = self._put_json if json_lines else self._put_text
+        self._render: Callable[[Any], str] = _json_line if json_lines else _text_line
+        self._lock = threading.Lock()  # one writer at a time: the thread, or a drain without it
+        self._stopped = False
+        self._error_reported = False
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    # The hot path: called by loguru for every line that passes the level. Only what the line
+    # needs is kept (not the record: its traceback holds frames); the writer formats it.
+    def _put_text(self, message: Any) -> None:
+        record = message.record
+        item: _TextItem = (
+            record["time"],
+            record["level"].name,
+            record["extra"].get("job_id"),
+            str(message),
+        )
+        self._put(item)
+        if self._qsize() > _HIGH_WATER:
+            self.drain()
+
+    def _put_json(self, message: Any) -> None:
+        record = message.record
+        item: _JsonItem = (
+            record["time"],
+            record["level"].name,
+            record["message"],
+            dict(record["extra"]),
+            _error_summary(record),
+        )
+        self._put(item)
+        if self._qsize() > _HIGH_WATER:
+            self.drain()
+
+    def drain(self) -> None:
+        """Return once every line queued before this call has reached the stream (flushed)."""
+        if threading.current_thread() is self._thread:
+            return  # the writer itself (its stream logged?): it cannot wait for itself
+        done = _Flushed()
+        self._put(done)
+        while not done.wait(0.05):
+            if not self._thread.is_alive():  # stopped, forked, or died: write it here
+                self._write_queued()
+
+    def stop(self) -> None:
+        """Write everything queued, then end the writer thread (loguru: `logger.remove()`)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._put(_STOP)
+            self._thread.join()
+        self._write_queued()  # anything queued behind the stop
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        running = True
+        while running:
+            items = [get()]
+            if type(items[0]) is not _Flushed and items[0] is not _STOP:
+                time.sleep(_COALESCE_S)  # a flush or a stop is waited for: no pause
+            try:
+                while len(items) < _BATCH_LINES:
+                    items.append(get_nowait())
+            except queue.Empty:
+                pass
+            with self._lock:
+                try:
+                    running = self._write_items(items)
+                except Exception as exc:  # a bug here must not strand the lines behind it
+                    self._report(f"log writer failed on {len(items)} item(s): {exc!r}")
+                    running = not any(item is _STOP for item in items)
+                    for item in items:
+                        if isinstance(item, _Flushed):
+                            item.set()
+
+    def _write_queued(self) -> None:
+        """Write what is queued from the calling thread (used when the writer thread is gone)."""
+        with self._lock:
+            while True:
+                items: list[object] = []
+                try:
+                    while len(items) < _BATCH_LINES:
+                        items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    pass
+                if not items:
+                    return
+                self._write_items(items)
+
+    def _write_items(self, items: list[object]) -> bool:
+        """Write the lines among `items` in order, release the drains; False after a stop."""
+        lines: list[str] = []
+        running = True
+        render = self._render
+        for item in items:
+            if type(item) is tuple:
+                lines.append(render(item))
+            elif isinstance(item, _Flushed):
+                self._emit(lines)
+                lines = []
+                item.set()
+            elif item is _STOP:
+                running = False
+        self._emit(lines)
+        return running
+
+    def _emit(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        # Redacting the joined batch finds every secret in every line: joining only puts lines
+        # side by side, it splits none (at worst a secret with a line break in it spans two).
+        text = self._redact("".join(lines))
+        try:
+            self._out.write(text)
+            self._out.flush()
+        except Exception as exc:  # as loguru's catch=True did: say so, keep the process
+            self._report(f"log writer could not write {len(lines)} line(s): {exc!r}")
+
+    def _report(self, text: str) -> None:
+        if self._error_reported:  # once: a closed stream would otherwise say it per batch
+            return
+        self._error_reported = True
+        with contextlib.suppress(Exception):
+            print(f"--- {text} ---", file=sys.__stderr__, flush=True)
+
+
+_sink: QueuedSink | None = None
+_exit_hooks_installed = False
+
+
+def flush_logs() -> None:
+    """Block until every line logged so far is written and flushed (before exit, in tests)."""
+    sink = _sink
+    if sink is not None:
+        sink.drain()
+
+
+def _excepthook(
+    exc_type: type[BaseException], value: BaseException, tb: TracebackType | None
+) -> None:
+    # An unhandled exception: the log lines that led to it go out before its traceback.
+    with contextlib.suppress(Exception):
+        flush_logs()
+    _previous_excepthook(exc_type, value, tb)
+
+
+_previous_excepthook = sys.excepthook
+
+
+def _install_exit_hooks() -> None:
+    global _exit_hooks_installed, _previous_excepthook
+    if _exit_hooks_installed:
+        return
+    _exit_hooks_installed = True
+    atexit.register(flush_logs)  # loguru's own atexit logger.remove() then stops the sink
+    _previous_excepthook = sys.excepthook
+    sys.excepthook = _excepthook
 
 
 def setup_logging(
@@ -103,33 +336,30 @@ def setup_logging(
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
 ) -> Redactor:
-    """Configure loguru once; returns the redactor so callers can mask text they print."""
+    """Configure loguru once; returns the redactor so callers can mask text they print.
+
+    Lines go through a QueuedSink: call `flush_logs()` before reading `stream` or exiting
+    with `os._exit`; a normal exit (an unhandled exception included) flushes by itself.
+    """
+    global _sink
     redact = Redactor(secrets)
     out = stream or sys.stderr
-    logger.remove()
+    logger.remove()  # stops (drains) the previous QueuedSink
+    sink = QueuedSink(out, redact, "json" if log_format == "json" else "text")
+    _sink = sink
+    _install_exit_hooks()
 
-    if log_format == "json":
-
-        def json_sink(message: Any) -> None:
-            out.write(_json_line(message.record, redact))
-            out.flush()
-
-        logger.add(json_sink, level=level, backtrace=False, diagnose=False, catch=True)
-    else:
-
-        def text_sink(message: Any) -> None:
-            out.write(redact(str(message)))
-            out.flush()
-
-        logger.add(
-            text_sink,
-            level=level,
-            format=_text_format,
-            backtrace=False,
-            diagnose=False,  # diagnose would print local variables, secrets included
-            colorize=False,
-            catch=True,
-        )
+    # loguru renders only "{message}\n{exception}" (its own time format costs ~10 µs per job
+    # on the caller's thread); the sink's writer thread adds the time, level and job id.
+    logger.add(
+        sink,
+        level=level,
+        format="{message}",
+        backtrace=False,
+        diagnose=False,  # diagnose would print local variables, secrets included
+        colorize=False,
+        catch=True,
+    )
 
     logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
     logging.captureWarnings(True)

@@ -182,13 +182,9 @@ class JobLoop:
             _, stuck = await asyncio.wait(self._slots, timeout=max(deadline - time.monotonic(), 0))
             for task in stuck:
                 logger.warning("A job slot did not stop in time ({}); leaving it", task.get_name())
-        left = [job.id for job in self._active.values()]
+        left = [job.id for job in self._active.values()]  # in slots that ignored the cancel
         if left:
-            logger.warning(
-                "Job(s) {} stay active until the stalled-job check moves them back"
-                " (within lock duration + stalled interval)",
-                ", ".join(left),
-            )
+            logger.warning("Job(s) {} were still running when the worker closed", ", ".join(left))
         for task in self._chores:
             task.cancel()
         await asyncio.gather(*self._chores, return_exceptions=True)
@@ -355,6 +351,12 @@ class JobLoop:
             if not recorded:
                 del self._active[token]
                 self.stats.job_ended(outcome, time.monotonic() - started)
+                if outcome == "retry" and self._stopping:  # cut off by the stop deadline
+                    logger.warning(
+                        "Job {} stays active until the stalled-job check moves it back"
+                        " (within lock duration + stalled interval)",
+                        job.id,
+                    )
 
     @property
     def _fetch_next(self) -> bool:

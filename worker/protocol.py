@@ -345,6 +345,7 @@ class QueueProtocol:
         return str(info.get("redis_version", "?"))
 
     async def close(self) -> None:
+        await self.move_to_finished.aclose()
         await self.blocking.aclose()
         await self.redis.aclose()
 

@@ -17,6 +17,7 @@ from worker.contract import Contract
 from worker.dispatch import Dispatcher, state_key_for
 from worker.errors import ConfigError
 from worker.health import HealthServer, QueueProbe
+from worker.logs import flush_logs
 from worker.loop import JobLoop, RedisUnavailable
 from worker.protocol import QueueProtocol
 from worker.registry import Registry
@@ -163,6 +164,7 @@ class Service:
                 await self.health.stop()
             await self.registry.aclose()
             self._print_statistics()
+            flush_logs()  # the statistics block is written before the process can exit
 
     async def _shutdown(self, worker: JobLoop, health: HealthServer) -> None:
         grace = self.settings.shutdown_grace_s

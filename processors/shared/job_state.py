@@ -28,6 +28,7 @@ STATE_TTL_S = 7 * 86_400
 RESULT_TTL_S = 3_600
 
 TOKENS = "tokens"  # running sum of usage.total_tokens over every call of the job
+CALLS = "calls"  # how many billed calls the job has made
 PENDING_USAGE = "pending_usage"  # {"input", "output"}: billed, not yet sent to increment_tokens
 RESULT = "result"  # the processor's return value, once it has one
 
@@ -58,6 +59,10 @@ class JobState:
         return int(self.fields.get(TOKENS) or 0)
 
     @property
+    def calls(self) -> int:
+        return int(self.fields.get(CALLS) or 0)
+
+    @property
     def is_fresh(self) -> bool:
         """True when nothing was recorded yet (a first run)."""
         return not self.fields
@@ -85,7 +90,9 @@ class JobState:
     ) -> None:
         """A finished, billed call: its usage and (when usable) its result, in one write."""
         pending = {"input": input_tokens, "output": output_tokens}
-        await self._write({**values, PENDING_USAGE: pending}, add_tokens=total_tokens)
+        await self._write(
+            {**values, PENDING_USAGE: pending}, add_tokens=total_tokens, add_call=True
+        )
 
     async def settle_usage(self, account: Account) -> None:
         """Send the pending usage (if any) to `account(input, output)`, then forget it."""
@@ -101,18 +108,27 @@ class JobState:
         await self._write({RESULT: result}, ttl_s=RESULT_TTL_S)
 
     async def _write(
-        self, values: Mapping[str, Any], *, add_tokens: int = 0, ttl_s: int = STATE_TTL_S
+        self,
+        values: Mapping[str, Any],
+        *,
+        add_tokens: int = 0,
+        add_call: bool = False,
+        ttl_s: int = STATE_TTL_S,
     ) -> None:
+        counters = {TOKENS: add_tokens, CALLS: int(add_call)}
         async with self.redis.pipeline(transaction=True) as pipe:
             if values:
                 pipe.hset(self.key, mapping={k: _encode(v) for k, v in values.items()})
-            if add_tokens:
-                pipe.hincrby(self.key, TOKENS, add_tokens)
+            for name, by in counters.items():
+                if by:
+                    pipe.hincrby(self.key, name, by)
             pipe.expire(self.key, ttl_s)
             replies = await pipe.execute()
         self.fields.update(values)
-        if add_tokens:
-            self.fields[TOKENS] = int(replies[1 if values else 0])
+        counted = iter(replies[1 if values else 0 :])
+        for name, by in counters.items():
+            if by:
+                self.fields[name] = int(next(counted))
 
 
 def _encode(value: Any) -> str:
