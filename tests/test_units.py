@@ -424,3 +424,34 @@ def test_json_lines_are_those_the_old_sink_made(stderr_logging_after: None) -> N
     flush_logs()
     assert out.getvalue() == reference.getvalue()
     assert len(out.getvalue().splitlines()) == 4
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_per_job_line_reads_as_the_same_line_through_loguru(log_format: str) -> None:
+    # The loop's picked-up/completed lines skip loguru's record for speed; the stream must not
+    # be able to tell.
+    import io
+
+    from loguru import logger
+
+    from worker.logs import flush_logs, job_line, job_lines_on, setup_logging
+
+    out = io.StringIO()
+    setup_logging(log_format, "INFO", ["s3cret-token"], stream=out)
+    assert job_lines_on()
+    message = "Job picked up: 7 (ping) | Attempt: 2/3 | token s3cret-token"
+    with logger.contextualize(job_id="7", job_name="ping", attempt=2):
+        logger.info(message)
+    job_line(message, "7", "ping", 2)
+    flush_logs()
+    assert out.getvalue().endswith("\n")
+    via_loguru, direct = out.getvalue().splitlines()
+    assert "s3cret-token" not in out.getvalue()
+    if log_format == "json":
+        a, b = json.loads(via_loguru), json.loads(direct)
+        assert a.pop("ts")[:16] == b.pop("ts")[:16] and a == b
+        assert list(b) == ["level", "message", "job_id", "job_name", "attempt"]
+    else:
+        assert via_loguru[:16] == direct[:16] and via_loguru[23:] == direct[23:]
+    setup_logging(log_format, "WARNING", stream=io.StringIO())
+    assert not job_lines_on()

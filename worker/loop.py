@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from worker.dispatch import Dispatcher
 from worker.errors import PermanentJobError, RateLimited
 from worker.keys import worker_alive_key, worker_runs_key
+from worker.logs import job_line, job_lines_on
 from worker.protocol import (
     ActiveJob,
     NextJob,
@@ -447,26 +448,22 @@ class JobLoop:
     def _log_pickup(self, job: ActiveJob) -> None:
         # The seed's pickup line, count and processing banner, as one line naming the job once
         # (the banner's Job ID and Job Type are the pickup line's id and name).
-        logger.opt(lazy=True).info(  # lazy: no timestamp formatted below INFO
-            "Job picked up: {} ({}) | Attempt: {}/{} | Currently processing: {} jobs | Started: {}",
-            lambda: job.id,
-            lambda: job.name,
-            lambda: job.attempt,
-            lambda: job.max_attempts,
-            lambda: self.stats.currently_processing,
-            _iso_now,
-        )
+        if job_lines_on():
+            job_line(
+                f"Job picked up: {job.id} ({job.name}) | Attempt: {job.attempt}/"
+                f"{job.max_attempts} | Currently processing: {self.stats.currently_processing}"
+                f" jobs | Started: {_iso_now()}",
+                job.id, job.name, job.attempt,
+            )  # fmt: skip
 
     def _log_completed(self, job: ActiveJob, result: Any, duration_s: float) -> None:
-        # lazy: the result is encoded again only to log its size, so only when INFO is on
-        logger.opt(lazy=True).info(
-            "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
-            lambda: job.id,
-            lambda: duration_s,
-            lambda: len(node_json(result).encode()),
-            lambda: self.stats.processed,
-            lambda: self.stats.success_rate,
-        )
+        if job_lines_on():  # the result is encoded again only to log its size
+            job_line(
+                f"Job completed: {job.id} in {duration_s:.2f} s, result"
+                f" {len(node_json(result).encode())} bytes | processed: {self.stats.processed},"
+                f" success rate: {self.stats.success_rate}",
+                job.id, job.name, job.attempt,
+            )  # fmt: skip
 
     # -- chores --------------------------------------------------------------------------------
 
