@@ -29,6 +29,7 @@ from worker.protocol import (
     QueueProtocol,
     UndecodableJob,
     backoff_delay_ms,
+    client_name,
     decode_job,
 )
 from worker.results import node_json
@@ -148,6 +149,14 @@ async def test_move_to_active_names_the_worker_as_node_does(settings: Settings) 
     await proto.move_to_active(TOKEN)
     packed = msgpack.unpackb(last(recorder)[1][2])
     assert packed["name"] == "replica-1" and packed["token"] == TOKEN
+
+
+def test_the_blocking_connection_is_named_as_nodes_worker_names_it(settings: Settings) -> None:
+    # Node: `${prefix}:${Buffer.from(queue).toString('base64')}` + `:w:${name}` when named.
+    assert client_name("bull", "ai-jobs") == "bull:YWktam9icw=="
+    assert client_name("bull", "ai-jobs", "replica-1") == "bull:YWktam9icw==:w:replica-1"
+    assert client_name("pfx", "colas-ñ") == "pfx:Y29sYXMtw7E="  # UTF-8 bytes, as Buffer.from
+    assert QueueProtocol(settings, "r").client_name == "pfx:cTE=:w:r"
 
 
 @pytest.mark.parametrize("remove", [True, False, 5, {"age": 3600, "count": 100}])

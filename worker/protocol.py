@@ -11,6 +11,7 @@ arguments Node's worker passes, so what Redis sees is what a Node worker would w
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import time
@@ -269,6 +270,15 @@ def stack_of(job: ActiveJob, exc: BaseException) -> str:
     return json.dumps(stack, separators=(",", ":"))
 
 
+def client_name(prefix: str, queue: str, worker_name: str | None = None) -> str:
+    """The blocking connection's name, as Node's Worker names it: `<prefix>:<base64(queue)>`,
+    plus `:w:<name>` for a named worker. Node bullmq 5.x (`QueueBase.clientName`) and 6.x
+    (`RedisQueueBackend.clientName`) build it alike, and their `queue.getWorkers()` lists the
+    connections named exactly that or starting with `<that>:w:`."""
+    encoded = base64.b64encode(queue.encode()).decode()
+    return f"{prefix}:{encoded}" + (f":w:{worker_name}" if worker_name else "")
+
+
 def _pack(value: Any) -> bytes:
     packed: bytes = msgpack.packb(value, use_bin_type=True)
     return packed
@@ -296,9 +306,7 @@ class QueueProtocol:
         self.lock_duration_ms = settings.lock_duration_ms
         self.limiter = settings.limiter
         self.worker_name = worker_name
-        self.client_name = QueueKeys(settings.prefix).getQueueQualifiedName(settings.queue) + (
-            f":w:{worker_name}" if worker_name else ""
-        )
+        self.client_name = client_name(settings.prefix, settings.queue, worker_name)
         kwargs = _redis_kwargs(settings)
         pool = BlockingConnectionPool(
             max_connections=COMMAND_CONNECTIONS,
@@ -307,8 +315,11 @@ class QueueProtocol:
         )
         self.redis: Redis = Redis.from_pool(pool)
         # The blocking wait for jobs gets a connection of its own, with a socket timeout
-        # longer than any BZPOPMIN (settings.REDIS_SOCKET_TIMEOUT_S).
-        self.blocking: Redis = Redis(single_connection_client=True, **kwargs)
+        # longer than any BZPOPMIN (settings.REDIS_SOCKET_TIMEOUT_S). Named on every connect
+        # (redis-py sends CLIENT SETNAME), so a reconnected worker stays listed.
+        self.blocking: Redis = Redis(
+            single_connection_client=True, client_name=self.client_name, **kwargs
+        )
         self.scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(loadScript(file)) for name, file in SCRIPTS.items()
         }
@@ -337,9 +348,9 @@ class QueueProtocol:
     # -- connection ----------------------------------------------------------------------------
 
     async def connect(self) -> str:
-        """Name the blocking connection (what `queue.getWorkers()` lists), check both
+        """Open the blocking connection (named: what `queue.getWorkers()` lists), check both
         connections answer; returns the server version."""
-        await self.blocking.client_setname(self.client_name)
+        await self.blocking.ping()
         info = await self.redis.info("server")
         return str(info.get("redis_version", "?"))
 

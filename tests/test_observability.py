@@ -1,0 +1,65 @@
+"""What the tools operators already use read from this worker, read the way they read it: Node
+bullmq's own `queue.getWorkers()`, `getJobLogs()`, `getMetrics()` and `getJob()` (5.61 and 6.x),
+which are what Bull Board and Taskforce call (issue 13)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.support.harness import eventually, running_service, settings_for
+from tests.support.node_bridge import NodeBridge
+
+
+async def test_get_workers_lists_the_running_worker_once(
+    node: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    assert await node.get_workers(queue_name) == []
+    async with running_service(settings_for(redis_url, queue_name)):
+        workers = await node.get_workers(queue_name)
+        # Idle (blocked on the marker) and busy alike: the same one connection is listed.
+        await node.add(queue_name, "ping", {})
+        busy = await node.get_workers(queue_name)
+    assert [w["name"] for w in workers] == [queue_name]
+    assert busy == workers
+    assert await node.get_workers(queue_name) == []  # gone with the worker
+
+
+async def test_get_workers_shows_the_name_as_for_a_named_node_worker(
+    node: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    await node.start_worker(queue_name, name="node-1")
+    try:
+        settings = settings_for(redis_url, queue_name, WORKER_NAME="py-1")
+        async with running_service(settings):
+            workers = await node.get_workers(queue_name)
+    finally:
+        await node.stop_worker(queue_name)
+    raw = sorted(w["rawname"] for w in workers)
+    assert len(raw) == 2, workers
+    node_raw, py_raw = raw
+    assert node_raw.endswith(":w:node-1") and py_raw.endswith(":w:py-1")
+    assert node_raw.removesuffix("node-1") == py_raw.removesuffix("py-1")  # same form as Node's
+
+
+async def _wait_listed(node: NodeBridge, queue: str, count: int) -> list[dict[str, str]]:
+    async def listed() -> list[dict[str, str]] | None:
+        workers = await node.get_workers(queue)
+        return workers if len(workers) == count else None
+
+    result: list[dict[str, str]] = await eventually(listed, timeout=10)
+    return result
+
+
+async def test_a_worker_whose_connection_dropped_is_listed_again(
+    node6: NodeBridge, redis_url: str, queue_name: str, rclient: Any
+) -> None:
+    async with running_service(settings_for(redis_url, queue_name, WORKER_NAME="py-2")):
+        (before,) = await _wait_listed(node6, queue_name, 1)
+        clients = await rclient.client_list()
+        (mine,) = [c for c in clients if c.get("name") == before["rawname"]]
+        await rclient.client_kill_filter(_id=mine["id"])
+        await asyncio.sleep(0.2)
+        await node6.add(queue_name, "ping", {})
+        (after,) = await _wait_listed(node6, queue_name, 1)
+    assert after["rawname"] == before["rawname"]
