@@ -63,3 +63,30 @@ async def test_a_worker_whose_connection_dropped_is_listed_again(
         await node6.add(queue_name, "ping", {})
         (after,) = await _wait_listed(node6, queue_name, 1)
     assert after["rawname"] == before["rawname"]
+
+
+async def test_completions_and_failures_reach_bullmqs_metrics_and_name_the_worker(
+    node: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    settings = settings_for(redis_url, queue_name, WORKER_NAME="py-metrics")
+    async with running_service(settings):
+        done = [await node.add(queue_name, "ping", {}) for _ in range(3)]
+        bad = await node.add(queue_name, "no-such-type", {})
+        jobs = [await node.wait_finished(queue_name, a["id"]) for a in [*done, bad]]
+    assert [j["state"] for j in jobs] == ["completed"] * 3 + ["failed"]
+    assert {j["processedBy"] for j in jobs} == {"py-metrics"}  # Job.processedBy, as Node sets it
+    completed = await node.get_metrics(queue_name, "completed")
+    failed = await node.get_metrics(queue_name, "failed")
+    assert completed["meta"]["count"] == 3 and failed["meta"]["count"] == 1
+    text = await node.export_prometheus_metrics(queue_name)
+    assert f'bullmq_job_count{{queue="{queue_name}", state="completed"}} 3' in text
+
+
+async def test_bullmq_metrics_can_be_turned_off(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    settings = settings_for(redis_url, queue_name, WORKER_METRICS_MAX_DATA_POINTS=0)
+    async with running_service(settings):
+        added = await node6.add(queue_name, "ping", {})
+        await node6.wait_finished(queue_name, added["id"])
+    assert (await node6.get_metrics(queue_name, "completed"))["meta"]["count"] == 0

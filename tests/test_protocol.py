@@ -108,10 +108,13 @@ def job(**opts: Any) -> ActiveJob:
 
 
 def bullmq_job(j: ActiveJob, settings: Settings) -> SimpleNamespace:
+    queue_opts: dict[str, Any] = {"limiter": settings.limiter,
+                                  "lockDuration": settings.lock_duration_ms}  # fmt: skip
+    if settings.metrics_max_data_points:  # Node's worker option `metrics: {maxDataPoints}`
+        queue_opts["metrics"] = {"maxDataPoints": settings.metrics_max_data_points}
     return SimpleNamespace(
         id=j.id, opts=j.opts, attempts=j.opts.get("attempts", 1), attemptsMade=j.attempts_made,
-        queue=SimpleNamespace(opts={"limiter": settings.limiter,
-                                    "lockDuration": settings.lock_duration_ms}),
+        queue=SimpleNamespace(opts=queue_opts),
     )  # fmt: skip
 
 
@@ -174,6 +177,36 @@ async def test_complete(
     assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
     assert json.loads(our_args[3]) == json.loads(args[3])
     assert our_args[3] == node_json({"ok": "ü"}).encode()  # raw UTF-8, as JSON.stringify writes it
+
+
+@pytest.mark.parametrize(("points", "packed"), [(None, 10_080), ("60", 60), ("0", "")])
+async def test_finishing_records_bullmqs_metrics_as_a_node_worker_with_the_option(
+    points: str | None, packed: Any
+) -> None:
+    env = {"WORKER_QUEUE": "q1", "WORKER_PREFIX": "pfx"}
+    if points is not None:
+        env["WORKER_METRICS_MAX_DATA_POINTS"] = points
+    settings = Settings.from_env(env)
+    ours = QueueProtocol(settings)
+    ours.move_to_finished = recorder = Recorder()  # type: ignore[assignment]
+    connection = SimpleNamespace(conn=None, commands={})
+    theirs = Scripts(settings.prefix, settings.queue, connection)  # type: ignore[arg-type]
+    for target in ("completed", "failed"):
+        j = job(attempts=1)
+        if target == "completed":
+            await ours.complete(j, 1, fetch_next=False)
+            expected = theirs.moveToCompletedArgs(bullmq_job(j, settings), 1, False, TOKEN, False)
+        else:
+            await ours.fail(j, "boom", "[]", fetch_next=False)
+            fields = {"failedReason": "boom", "stacktrace": "[]"}
+            expected = theirs.moveToFailedArgs(
+                bullmq_job(j, settings), "boom", False, TOKEN, False, fields
+            )
+        keys, args = on_the_wire(expected)
+        our_keys, our_args = last(recorder)
+        assert our_keys[12] == keys[12] == f"pfx:q1:metrics:{target}".encode()
+        assert msgpack.unpackb(our_args[7])["maxMetricsSize"] == packed
+        assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
 
 
 async def test_fail_for_good(ours: QueueProtocol, theirs: Scripts, settings: Settings) -> None:

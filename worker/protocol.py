@@ -305,6 +305,8 @@ class QueueProtocol:
         self.key_prefix = self.keys[""]  # "bull:ai-jobs:"
         self.lock_duration_ms = settings.lock_duration_ms
         self.limiter = settings.limiter
+        # Node's `metrics.maxDataPoints`: the finishing script counts the job per minute.
+        self.max_metrics_size: int | str = settings.metrics_max_data_points or ""
         self.worker_name = worker_name
         self.client_name = client_name(settings.prefix, settings.queue, worker_name)
         kwargs = _redis_kwargs(settings)
@@ -415,7 +417,7 @@ class QueueProtocol:
             "lockDuration": self.lock_duration_ms,
             "attempts": attempts,
             "attemptsMade": attempts_made,
-            "maxMetricsSize": "",
+            "maxMetricsSize": self.max_metrics_size,
             "fpof": opts.get("failParentOnFailure", False),
             "cpof": opts.get("continueParentOnFailure", False),
             "idof": opts.get("ignoreDependencyOnFailure", False),
