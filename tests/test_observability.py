@@ -5,10 +5,13 @@ which are what Bull Board and Taskforce call (issue 13)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
-from tests.support.harness import eventually, running_service, settings_for
+from tests.support.harness import eventually, registry_of, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
+from worker.context import JobContext
+from worker.registry import ProcessorSpec
 
 
 async def test_get_workers_lists_the_running_worker_once(
@@ -90,3 +93,29 @@ async def test_bullmq_metrics_can_be_turned_off(
         added = await node6.add(queue_name, "ping", {})
         await node6.wait_finished(queue_name, added["id"])
     assert (await node6.get_metrics(queue_name, "completed"))["meta"]["count"] == 0
+
+
+async def _broken_reply(payload: dict[str, Any], ctx: JobContext) -> Any:
+    try:
+        return json.loads("{ not json")  # library frames below ours
+    except ValueError as exc:
+        raise RuntimeError("OpenAI reply is not JSON") from exc
+
+
+async def test_a_failed_attempt_stores_a_short_trace_reason_first(
+    node: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    registry = registry_of(ProcessorSpec("broken", _broken_reply))
+    async with running_service(settings_for(redis_url, queue_name), registry):
+        added = await node.add(queue_name, "broken", {}, {"attempts": 2, "backoff": 0})
+        job = await node.wait_finished(queue_name, added["id"])
+    assert job["state"] == "failed" and job["attemptsMade"] == 2
+    assert job["failedReason"] == "OpenAI reply is not JSON"
+    assert len(job["stacktrace"]) == 2  # one entry per attempt, as Node keeps them
+    for trace in job["stacktrace"]:
+        lines = trace.splitlines()
+        assert len(trace.encode()) <= 2048
+        assert lines[0] == "RuntimeError: OpenAI reply is not JSON"
+        assert lines[1].startswith("    at _broken_reply (tests/test_observability.py:")
+        assert any(line.startswith("Caused by: JSONDecodeError: ") for line in lines)
+        assert "Traceback" not in trace and "site-packages" not in trace

@@ -31,6 +31,8 @@ from worker.protocol import (
     backoff_delay_ms,
     client_name,
     decode_job,
+    stack_of,
+    trace_of,
 )
 from worker.results import node_json
 from worker.settings import Settings
@@ -330,3 +332,77 @@ def test_backoffs_are_bullmqs_built_in_ones() -> None:
             for n in (1, 2, 3)] == [2000, 4000, 8000]  # fmt: skip
     with pytest.raises(ValueError, match="unknown backoff strategy 'jitter'"):
         backoff_delay_ms({"backoff": {"type": "jitter", "delay": 1}}, 1)
+
+
+# --- the stored stacktrace -----------------------------------------------------------------------
+
+
+def _parse(text: str) -> Any:
+    return json.loads(text)  # a library frame (json), below ours
+
+
+def _read_reply(text: str) -> Any:
+    try:
+        return _parse(text)
+    except ValueError as exc:
+        raise RuntimeError("the reply is not JSON") from exc
+
+
+def _raised(fn: Any, *args: Any) -> BaseException:
+    try:
+        fn(*args)
+    except BaseException as exc:
+        return exc
+    raise AssertionError("did not raise")
+
+
+def test_a_trace_reads_as_nodes_reason_and_our_frames_first_then_causes() -> None:
+    exc = _raised(_read_reply, "{nope")
+    lines = trace_of(exc).splitlines()
+    assert lines[0] == "RuntimeError: the reply is not JSON"
+    assert (
+        lines[1] == f"    at _read_reply (tests/test_protocol.py:{_line_of('raise RuntimeError')})"
+    )
+    assert lines[2].startswith("    at _raised (tests/test_protocol.py:")
+    assert lines[3].startswith("Caused by: JSONDecodeError: Expecting property name")
+    assert lines[3].endswith(f"(at _parse tests/test_protocol.py:{_line_of('return json.loads')})")
+    assert len(lines) == 4  # json's own frames are not ours: not listed, no traceback text
+
+
+def test_library_frames_are_counted_and_named_not_listed() -> None:
+    exc = _raised(json.loads, "{nope")
+    lines = trace_of(exc).splitlines()
+    assert lines[0].startswith("JSONDecodeError: Expecting property name")
+    assert lines[-1].startswith("    ... ") and "library frame(s) left out: json" in lines[-1]
+    assert not any("site-packages" in line or "/json/" in line for line in lines)
+
+
+def test_a_trace_stays_under_two_kilobytes() -> None:
+    def deep(n: int) -> None:
+        if n == 0:
+            raise ValueError("x" * 10_000 + "\nsecond line")
+        deep(n - 1)
+
+    exc = _raised(deep, 200)
+    trace = trace_of(exc)
+    assert len(trace.encode()) <= 2048
+    lines = trace.splitlines()
+    assert lines[0].startswith("ValueError: xxx") and lines[0].endswith("…")
+    assert lines[1].startswith("    at deep (")  # the innermost frame is kept
+    assert lines[-1].startswith("    ... ") and lines[-1].endswith("more frame(s) of ours")
+
+
+def test_stack_of_appends_one_entry_per_attempt_and_honours_stack_trace_limit() -> None:
+    exc = _raised(_read_reply, "{nope")
+    first = job(attempts=3)
+    stored = stack_of(first, exc)
+    second = ActiveJob(id="42", name="ping", data={}, opts={"stackTraceLimit": 1}, token=TOKEN,
+                       stacktrace=stored)  # fmt: skip
+    assert len(json.loads(stored)) == 1
+    assert json.loads(stack_of(second, exc)) == json.loads(stored)  # the older one dropped
+    assert json.loads(stack_of(job(stackTraceLimit=0), exc)) == []
+
+
+def _line_of(text: str) -> int:
+    source = Path(__file__).read_text().splitlines()
+    return next(n for n, line in enumerate(source, 1) if text in line and "_line_of" not in line)

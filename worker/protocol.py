@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import time
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -256,18 +258,97 @@ def backoff_delay_ms(opts: Mapping[str, Any], attempts_made: int) -> int:
 
 
 def stack_of(job: ActiveJob, exc: BaseException) -> str:
-    """The job's stacktrace list with this error appended, JSON, as Node keeps it."""
+    """The job's stacktrace list with this attempt's trace appended, JSON, as Node keeps it."""
     try:
         kept = jsondecode.loads(job.stacktrace)
     except ValueError:
         kept = []
-    stack = [*(kept if isinstance(kept, list) else []), "".join(traceback.format_exception(exc))]
+    stack = [*(kept if isinstance(kept, list) else []), trace_of(exc)]
     limit = job.opts.get("stackTraceLimit")
     if limit == 0:
         stack = []
     elif isinstance(limit, int) and limit > 0:
         stack = stack[-limit:]
     return json.dumps(stack, separators=(",", ":"))
+
+
+# One attempt's trace stays under this (Node's are ~300 bytes; a chained Python traceback
+# through httpx and openai was ~7 KB, x attempts x 500 kept failed jobs).
+TRACE_MAX_CHARS = 2000
+TRACE_CAUSES = 5
+_OUR_ROOT = str(Path(__file__).resolve().parent.parent) + os.sep
+_LIBRARY_MARKERS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
+
+
+def _ours(filename: str) -> bool:
+    return filename.startswith(_OUR_ROOT) and not any(m in filename for m in _LIBRARY_MARKERS)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def trace_of(exc: BaseException) -> str:
+    """One attempt's trace, read top-down as Node's `err.stack` is: the exception on the first
+    line, then the project's own frames (innermost first, `at function (path:line)`), a count
+    of the library frames left out, and one `Caused by:` line per chained exception."""
+    ours: list[str] = []
+    libraries: dict[str, None] = {}
+    left_out = 0
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if _ours(frame.filename):
+            ours.append(f"    at {frame.name} ({frame.filename[len(_OUR_ROOT) :]}:{frame.lineno})")
+        else:
+            left_out += 1
+            libraries[_library_of(frame.filename)] = None
+    tail = (
+        [f"    ... {left_out} library frame(s) left out: {', '.join(libraries)}"]
+        if left_out
+        else []
+    )
+    seen = {id(exc)}
+    cause = _cause_of(exc)
+    while cause is not None and id(cause) not in seen and len(seen) <= TRACE_CAUSES:
+        seen.add(id(cause))
+        tail.append(f"Caused by: {_one_line(cause)}{_where(cause)}")
+        cause = _cause_of(cause)
+    head = _one_line(exc, 500)
+    cut = 0
+    while ours and len("\n".join([head, *ours, *tail])) + 40 > TRACE_MAX_CHARS:
+        ours.pop()  # the outermost of ours first: the innermost say where it broke
+        cut += 1
+    if cut:
+        ours.append(f"    ... {cut} more frame(s) of ours")
+    return "\n".join([head, *ours, *tail])[:TRACE_MAX_CHARS]
+
+
+def _where(exc: BaseException) -> str:
+    """` (at function path:line)`: the innermost of our frames the exception went through."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if _ours(frame.filename):
+            return f" (at {frame.name} {frame.filename[len(_OUR_ROOT) :]}:{frame.lineno})"
+    return ""
+
+
+def _cause_of(exc: BaseException) -> BaseException | None:
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    return None if exc.__suppress_context__ else exc.__context__
+
+
+def _library_of(filename: str) -> str:
+    """`httpx` for …/site-packages/httpx/_client.py; `asyncio` for the standard library's."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            after = parts[parts.index(marker) + 1 :]
+            return after[0].removesuffix(".py") if after else "?"
+    if len(parts) >= 2 and parts[-2].startswith("python3"):
+        return parts[-1].removesuffix(".py")
+    return parts[-2] if len(parts) >= 2 else filename
 
 
 def client_name(prefix: str, queue: str, worker_name: str | None = None) -> str:
