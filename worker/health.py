@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
+from worker.results import node_json
 from worker.stats import Stats
 
 REDIS_PING_TIMEOUT_S = 2.0
@@ -34,6 +35,14 @@ class QueueProbe:
 def iso_now() -> str:
     """`new Date().toISOString()`: UTC, milliseconds, `Z`."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def express_json(body: Any, status: int = 200) -> web.Response:
+    """What Express's `res.json` sends: `JSON.stringify` (no spaces: the web service's
+    test-worker-service.sh greps `"status":"healthy"`), `application/json; charset=utf-8`."""
+    return web.Response(
+        text=node_json(body), status=status, content_type="application/json", charset="utf-8"
+    )
 
 
 def listening_socket(port: int) -> socket.socket:
@@ -126,7 +135,7 @@ class HealthServer:
         }
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response(self.health_body())
+        return express_json(self.health_body())
 
     async def readiness(self) -> tuple[bool, str]:
         if self.draining:
@@ -154,7 +163,7 @@ class HealthServer:
         ok, reason = await self.readiness()
         if not ok:
             logger.warning("/ready: {}", reason)
-        return web.json_response(
+        return express_json(
             {"ready": ok, "reason": reason, "timestamp": iso_now()}, status=200 if ok else 503
         )
 
