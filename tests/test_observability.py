@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 from typing import Any
 
 from tests.support.harness import eventually, registry_of, running_service, settings_for
@@ -119,3 +121,108 @@ async def test_a_failed_attempt_stores_a_short_trace_reason_first(
         assert lines[1].startswith("    at _broken_reply (tests/test_observability.py:")
         assert any(line.startswith("Caused by: JSONDecodeError: ") for line in lines)
         assert "Traceback" not in trace and "site-packages" not in trace
+
+
+# --- job logs ------------------------------------------------------------------------------------
+
+SECRET = "sk-test-observe-9f8e7d6c5b4a"
+
+
+async def _chatty(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    ctx.log.debug("debug lines stay out of the job log")
+    ctx.log.info("Generating {} cards for {user}", 3, user="u-1")
+    ctx.log.warning("Calling OpenAI with key {}", os.environ["OPENAI_API_KEY"])
+    if payload.get("fail_first") and ctx.attempt == 1:
+        raise RuntimeError("upstream hiccup")
+    for n in range(payload.get("lines", 0)):
+        ctx.log.info("line {}", n)
+    return {"ok": True}
+
+
+def _chatty_registry() -> Any:
+    return registry_of(ProcessorSpec("chatty", _chatty))
+
+
+async def test_job_logs_hold_each_attempt_and_the_processors_lines_without_secrets(
+    node: NodeBridge, redis_url: str, queue_name: str, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    settings = settings_for(redis_url, queue_name, WORKER_NAME="py-logs")
+    async with running_service(settings, _chatty_registry()):
+        added = await node.add(queue_name, "chatty", {"fail_first": True}, {"backoff": 0})
+        job = await node.wait_finished(queue_name, added["id"])
+    assert job["state"] == "completed" and job["attemptsMade"] == 2
+    logs = await node.get_job_logs(queue_name, added["id"])
+    lines = logs["logs"]
+    assert logs["count"] == len(lines) == 8, lines
+    started = f"started (worker py-logs, pid {os.getpid()})"
+    assert lines[0] == f"Attempt 1/3 {started}"
+    assert lines[1:3] == [
+        "INFO: Generating 3 cards for u-1",
+        "WARNING: Calling OpenAI with key ***",
+    ]
+    assert re.fullmatch(
+        r"Attempt 1/3 failed: RuntimeError: upstream hiccup; retried in 0 ms after \d+ ms",
+        lines[3],
+    )
+    assert lines[4] == f"Attempt 2/3 {started}"
+    assert re.fullmatch(r"Attempt 2/3 completed after \d+ ms", lines[7])
+    assert SECRET not in "".join(lines)
+
+
+async def test_job_logs_keep_the_jobs_keep_logs_lines(
+    node6: NodeBridge, redis_url: str, queue_name: str, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    async with running_service(settings_for(redis_url, queue_name), _chatty_registry()):
+        opts = {"keepLogs": 4, "backoff": 0}
+        added = await node6.add(queue_name, "chatty", {"fail_first": True, "lines": 20}, opts)
+        await node6.wait_finished(queue_name, added["id"])
+        default = await node6.add(queue_name, "chatty", {"lines": 500}, {})
+        await node6.wait_finished(queue_name, default["id"])
+    logs = await node6.get_job_logs(queue_name, added["id"])
+    assert logs["count"] == 4  # trimmed as job.log trims: the last keepLogs lines
+    assert logs["logs"][-2] == "(20 line(s) left out: more than keepLogs)"
+    assert logs["logs"][-1].startswith("Attempt 2/3 completed after ")
+    lines = (await node6.get_job_logs(queue_name, default["id"]))["logs"]
+    assert len(lines) == 100 and lines[-1].startswith("Attempt 1/3 completed")  # the default
+
+
+async def test_a_job_removed_on_completion_leaves_no_log_behind(
+    node6: NodeBridge, redis_url: str, queue_name: str, rclient: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    async with running_service(settings_for(redis_url, queue_name), _chatty_registry()):
+        added = await node6.add(queue_name, "chatty", {}, {"removeOnComplete": True})
+        kept = await node6.add(queue_name, "chatty", {}, {})
+        await node6.wait_finished(queue_name, kept["id"])
+    assert await rclient.exists(f"bull:{queue_name}:{added['id']}") == 0
+    assert await rclient.exists(f"bull:{queue_name}:{added['id']}:logs") == 0
+    assert await rclient.llen(f"bull:{queue_name}:{kept['id']}:logs") == 4
+
+
+async def test_lines_logged_before_a_progress_update_are_readable_while_it_runs(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    release = asyncio.Event()
+
+    async def stepwise(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        ctx.log.info("step 1 done")
+        await ctx.progress(50)
+        await release.wait()
+        return {}
+
+    registry = registry_of(ProcessorSpec("stepwise", stepwise))
+    async with running_service(settings_for(redis_url, queue_name), registry):
+        added = await node6.add(queue_name, "stepwise", {})
+
+        async def logged() -> list[str] | None:
+            lines: list[str] = (await node6.get_job_logs(queue_name, added["id"]))["logs"]
+            return lines if len(lines) == 2 else None
+
+        lines = await eventually(logged, timeout=10)
+        release.set()
+        await node6.wait_finished(queue_name, added["id"])
+    assert lines[0].startswith("Attempt 1/3 started") and lines[1] == "INFO: step 1 done"
+    final = (await node6.get_job_logs(queue_name, added["id"]))["logs"]
+    assert final[:2] == lines and final[2].startswith("Attempt 1/3 completed")

@@ -19,11 +19,13 @@ from typing import Any
 import bullmq
 import msgpack
 import pytest
-from bullmq.redis_connection import SCRIPT_DEFINITIONS
+from bullmq.redis_connection import SCRIPT_DEFINITIONS, loadScript
 from bullmq.scripts import Scripts
 
+from worker.joblog import JobLog
 from worker.protocol import (
     BULLMQ_VERSION,
+    FINISH_WITH_LOGS_PRELUDE,
     SCRIPTS,
     ActiveJob,
     QueueProtocol,
@@ -209,6 +211,46 @@ async def test_finishing_records_bullmqs_metrics_as_a_node_worker_with_the_optio
         assert our_keys[12] == keys[12] == f"pfx:q1:metrics:{target}".encode()
         assert msgpack.unpackb(our_args[7])["maxMetricsSize"] == packed
         assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
+
+
+def test_the_finishing_script_is_bullmqs_own_after_the_job_log_lines(
+    settings: Settings,
+) -> None:
+    proto = QueueProtocol(settings)
+    source = proto.move_to_finished.script.script
+    assert isinstance(source, str)
+    assert source == FINISH_WITH_LOGS_PRELUDE + loadScript(SCRIPTS["moveToFinished"])
+    # the lines go in ahead of everything of BullMQ's, in beyond-the-end KEYS and ARGV
+    assert "KEYS[15]" in FINISH_WITH_LOGS_PRELUDE and "unpack(ARGV, 11)" in FINISH_WITH_LOGS_PRELUDE
+    assert "KEYS[15]" not in source[len(FINISH_WITH_LOGS_PRELUDE) :]
+    assert "ARGV[10]" not in source[len(FINISH_WITH_LOGS_PRELUDE) :]
+
+
+@pytest.mark.parametrize("target", ["completed", "failed"])
+async def test_job_log_lines_ride_on_the_finishing_call(
+    ours: QueueProtocol, theirs: Scripts, settings: Settings, target: str
+) -> None:
+    j = job(attempts=3)
+    log = JobLog(7, "Attempt 2/3 started")
+    log.end("Attempt 2/3 done")
+    fields = {"failedReason": "boom", "stacktrace": "[]"}
+    if target == "completed":
+        await ours.complete(j, 1, fetch_next=True, log=log)
+        keys, args = on_the_wire(
+            theirs.moveToCompletedArgs(bullmq_job(j, settings), 1, False, TOKEN, True)
+        )
+        args.append(b"")  # ARGV[9]: no fields
+    else:
+        await ours.fail(j, "boom", "[]", fetch_next=True, log=log)
+        keys, args = on_the_wire(
+            theirs.moveToFailedArgs(bullmq_job(j, settings), "boom", False, TOKEN, True, fields)
+        )
+    our_keys, our_args = last(ours.scripts["moveToFinished"])
+    assert our_keys == [*keys, b"pfx:q1:42:logs"]
+    assert our_args[:7] + our_args[8:9] == args[:7] + args[8:9]
+    assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
+    assert our_args[9:] == [b"7", b"Attempt 2/3 started", b"Attempt 2/3 done"]
+    assert log.take() == []  # written once
 
 
 async def test_fail_for_good(ours: QueueProtocol, theirs: Scripts, settings: Settings) -> None:

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from loguru import Logger
     from redis.asyncio import Redis
 
+    from worker.joblog import JobLogger
+
 ProgressSetter = Callable[[int | dict[str, Any]], Awaitable[None]]
 
 
@@ -22,7 +24,8 @@ class JobContext:
     attempt: int  # 1-based number of this run (1 on the first try)
     max_attempts: int
     progress: ProgressSetter  # await ctx.progress(50): visible to Node's job.progress
-    log: Logger  # loguru logger; the job id is bound to every line
+    # loguru's logger with the job bound; INFO and up also reach the job's BullMQ log
+    log: JobLogger | Logger
     redis: Redis  # the worker's command connection, for per-job state kept beside the job
     state_key: str  # where this job may keep resumable state: `<prefix>:<queue>:<job id>:py-state`
     worker: Mapping[str, Any] = field(

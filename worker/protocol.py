@@ -37,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import jsondecode
 from worker.autopipeline import AutoPipelinedScript
+from worker.joblog import JobLog
 from worker.keys import bull_key
 from worker.results import node_json
 from worker.settings import Settings
@@ -54,6 +55,27 @@ SCRIPTS = {
     "moveStalledJobsToWait": "moveStalledJobsToWait-9.lua",
     "updateProgress": "updateProgress-3.lua",
 }
+
+# Node's `job.log(line)`: RPUSH to `<job key>:logs`, then LTRIM to the last `keepLogs` lines,
+# only while the job exists (a line for a removed job would leave its log behind for good).
+_PUSH_LOGS = """
+if {lines} and redis.call("EXISTS", {job}) == 1 then
+  local n = redis.call("RPUSH", {logs}, unpack(ARGV, {first}))
+  local keep = tonumber({keep})
+  if keep and keep > 0 and n > keep then redis.call("LTRIM", {logs}, -keep, -1) end
+end
+"""
+# Alone: KEYS job, logs; ARGV keepLogs, lines...
+PUSH_LOGS = (
+    _PUSH_LOGS.format(lines="ARGV[2]", job="KEYS[1]", logs="KEYS[2]", first=2, keep="ARGV[1]")
+    + "return 0"
+)
+# Ahead of moveToFinished, unchanged below it: its 14 KEYS and 9 ARGV, then KEYS[15] logs,
+# ARGV[10] keepLogs, ARGV[11...] lines. The attempt's lines then cost no command (and no reply)
+# of their own on the hot path; pushed first, so a job removed on completion takes them along.
+FINISH_WITH_LOGS_PRELUDE = "-- the attempt's job.log lines (ai-jobs worker)" + _PUSH_LOGS.format(
+    lines="ARGV[11]", job="KEYS[12]", logs="KEYS[15]", first=11, keep="ARGV[10]"
+)
 
 # Sockets for the worker's non-blocking commands (the blocking wait has its own). More made
 # the c=50 sleep benchmark slower: 50 slots ending together then hit Redis as one burst.
@@ -406,13 +428,15 @@ class QueueProtocol:
         self.scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(loadScript(file)) for name, file in SCRIPTS.items()
         }
+        self.push_logs = self.redis.register_script(PUSH_LOGS)
         # Every completion and failure of every slot runs this script: batch it when busy. One
         # lane less than the pool leaves a socket for lock renewal and the rest.
         self._fixed_finished_keys: dict[str, list[bytes]] = {}
         self._marker_b = self.keys["marker"].encode()
         self._prefix_b = self.key_prefix.encode()
+        finish = FINISH_WITH_LOGS_PRELUDE + loadScript(SCRIPTS["moveToFinished"])
         self.move_to_finished = AutoPipelinedScript(
-            self.scripts["moveToFinished"], max_in_flight=COMMAND_CONNECTIONS - 1
+            self.redis.register_script(finish), max_in_flight=COMMAND_CONNECTIONS - 1
         )
 
     def key(self, *parts: str) -> str:
@@ -487,8 +511,10 @@ class QueueProtocol:
         attempts_made: int,
         fetch_next: bool,
         fields: Mapping[str, Any] | None = None,
+        log: JobLog | None = None,
     ) -> list[Any]:
-        """ARGV of moveToFinished-14 (bullmq `Scripts.moveToFinishedArgs`)."""
+        """ARGV of moveToFinished-14 (bullmq `Scripts.moveToFinishedArgs`), then the job log's
+        keepLogs and lines when there are any (FINISH_WITH_LOGS_PRELUDE)."""
         remove = opts.get("removeOnComplete" if target == "completed" else "removeOnFail", False)
         attempts = opts.get("attempts", 1)
         packed = {
@@ -511,40 +537,56 @@ class QueueProtocol:
                            b"1" if fetch_next else b"", self._prefix_b, _pack(packed)]  # fmt: skip
         if fields:
             args.append(_flat(fields))
+        if log is not None and (lines := log.take()):
+            if not fields:
+                args.append(b"")  # ARGV[9]: no fields to update
+            args += [log.keep, *lines]
         return args
 
     async def _finish(
         self, job_id: str, token: str, target: str, args: list[Any], fetch_next: bool
     ) -> NextJob:
-        reply = await self.move_to_finished(keys=self._finished_keys(target, job_id), args=args)
+        keys = self._finished_keys(target, job_id)
+        if len(args) > 9:  # the job log's lines follow: their key is KEYS[15]
+            keys.append(self.key(job_id, "logs").encode())
+        reply = await self.move_to_finished(keys=keys, args=args)
         if isinstance(reply, int) and reply < 0:
             raise JobLost(job_id, "moveToFinished", reply)
         return _next_job(reply, token) if fetch_next else NextJob(None)
 
-    async def complete(self, job: ActiveJob, result: Any, fetch_next: bool) -> NextJob:
+    async def complete(
+        self, job: ActiveJob, result: Any, fetch_next: bool, log: JobLog | None = None
+    ) -> NextJob:
         """Completed, with the return value written as Node's JSON.stringify writes it."""
         args = self.finished_args(
             job.id, job.token, "completed", node_json(result), job.opts, job.attempts_made,
-            fetch_next,
+            fetch_next, log=log,
         )  # fmt: skip
         return await self._finish(job.id, job.token, "completed", args, fetch_next)
 
     async def fail(
-        self, job: ActiveJob | UndecodableJob, reason: str, stack: str, fetch_next: bool
+        self,
+        job: ActiveJob | UndecodableJob,
+        reason: str,
+        stack: str,
+        fetch_next: bool,
+        log: JobLog | None = None,
     ) -> NextJob:
         """Failed for good (no attempts left, or not retryable)."""
         opts = job.opts if isinstance(job, ActiveJob) else {}
         fields = {"failedReason": reason, "stacktrace": stack}
         args = self.finished_args(
-            job.id, job.token, "failed", reason, opts, job.attempts_made, fetch_next, fields
+            job.id, job.token, "failed", reason, opts, job.attempts_made, fetch_next, fields, log
         )
         return await self._finish(job.id, job.token, "failed", args, fetch_next)
 
-    async def retry(self, job: ActiveJob, reason: str, stack: str, delay_ms: int) -> None:
+    async def retry(
+        self, job: ActiveJob, reason: str, stack: str, delay_ms: int, log: JobLog | None = None
+    ) -> None:
         """Back to wait (retryJob) or to delayed for the backoff (moveToDelayed), attempt used."""
         name, keys, args = self.retry_call(job, {"failedReason": reason, "stacktrace": stack},
                                            delay_ms)  # fmt: skip
-        reply = await self.scripts[name](keys=keys, args=args)
+        reply = await self._after_logs(job.id, log, self.scripts[name], keys, args)
         if isinstance(reply, int) and reply < 0:
             raise JobLost(job.id, name, reply)
 
@@ -570,16 +612,31 @@ class QueueProtocol:
         return [k["active"], k["wait"], k["paused"], self.key(job_id), k["meta"], k["events"],
                 k["delayed"], k["prioritized"], k["pc"], k["marker"], k["stalled"]]  # fmt: skip
 
-    async def move_to_wait(self, job_id: str, token: str) -> int:
+    async def move_to_wait(self, job_id: str, token: str, log: JobLog | None = None) -> int:
         """moveJobFromActiveToWait: lock released, job first in line, attemptsMade kept.
         Returns the script's code (< 0: not ours any more)."""
         k = self.keys
         keys = [k["active"], k["wait"], k["stalled"], k["paused"], k["meta"], k["limiter"],
                 k["prioritized"], k["marker"], k["events"]]  # fmt: skip
-        reply = await self.scripts["moveJobFromActiveToWait"](
-            keys=keys, args=[job_id, token, self.key(job_id)]
-        )
+        script = self.scripts["moveJobFromActiveToWait"]
+        reply = await self._after_logs(job_id, log, script, keys, [job_id, token, self.key(job_id)])
         return int(reply)
+
+    async def _after_logs(
+        self, job_id: str, log: JobLog | None, script: AsyncScript, keys: list[Any], args: list[Any]
+    ) -> Any:
+        """`script`, preceded in the same write by the job log's pending lines, if any."""
+        lines = log.take() if log is not None else []
+        if log is None or not lines:
+            return await script(keys=keys, args=args)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            log_keys = [self.key(job_id), self.key(job_id, "logs")]
+            await self.push_logs(keys=log_keys, args=[log.keep, *lines], client=pipe)
+            await script(keys=keys, args=args, client=pipe)
+            _, reply = await pipe.execute(raise_on_error=False)  # a lost log line is no error
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     # -- locks and stalled jobs ------------------------------------------------------------------
 
@@ -613,9 +670,11 @@ class QueueProtocol:
 
     # -- what the job and the queue may ask ------------------------------------------------------
 
-    async def update_progress(self, job_id: str, progress: Any) -> None:
+    async def update_progress(self, job_id: str, progress: Any, log: JobLog | None = None) -> None:
+        """Node's `job.updateProgress`; the job log's pending lines go in the same write."""
         keys = [self.key(job_id), self.keys["events"], self.keys["meta"]]
-        reply = await self.scripts["updateProgress"](keys=keys, args=[job_id, node_json(progress)])
+        args = [job_id, node_json(progress)]
+        reply = await self._after_logs(job_id, log, self.scripts["updateProgress"], keys, args)
         if isinstance(reply, int) and reply < 0:
             raise JobLost(job_id, "updateProgress", reply)
 

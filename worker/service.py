@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from loguru import logger
@@ -16,6 +17,7 @@ from worker import __version__
 from worker.contract import Contract
 from worker.dispatch import Dispatcher, state_key_for
 from worker.health import HealthServer, QueueProbe
+from worker.logs import Redactor, secrets_from_env
 from worker.loop import JobLoop, RedisUnavailable
 from worker.protocol import QueueProtocol
 from worker.registry import Registry
@@ -26,8 +28,16 @@ LOOP_LAG_WARN_S = 1.0
 
 
 class Service:
-    def __init__(self, settings: Settings, registry: Registry, contract: Contract) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        contract: Contract,
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
         self.settings = settings
+        # Masks secrets in job logs; by default the one `setup_logging` builds from the same env.
+        self.redact = redact or Redactor(secrets_from_env(os.environ, [settings.redis.password]))
         self.registry = registry
         self.contract = contract
         self.stats = Stats()
@@ -95,6 +105,7 @@ class Service:
             state_key_for(s.prefix, s.queue),
             protocol.update_progress,
             s.job_timeout_s,
+            self.redact,
         )
         self.worker = JobLoop(s, protocol, dispatcher, self.stats, worker_id, s.instance_id)
         return self.worker
