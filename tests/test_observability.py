@@ -8,12 +8,24 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import uuid
 from typing import Any
 
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from processors import generate_flashcards as gf
+from tests.fakes.fixtures import stand_ins, users_table
+from tests.fakes.openai_server import completion
 from tests.support.harness import eventually, registry_of, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
+from tests.support.redis_server import private_redis
 from worker.context import JobContext
+from worker.contract import Contract
 from worker.registry import ProcessorSpec
+from worker.service import Service
 
 
 async def test_get_workers_lists_the_running_worker_once(
@@ -226,3 +238,144 @@ async def test_lines_logged_before_a_progress_update_are_readable_while_it_runs(
     assert lines[0].startswith("Attempt 1/3 started") and lines[1] == "INFO: step 1 done"
     final = (await node6.get_job_logs(queue_name, added["id"]))["logs"]
     assert final[:2] == lines and final[2].startswith("Attempt 1/3 completed")
+
+
+# --- Prometheus ----------------------------------------------------------------------------------
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+async def _scrape(port: int) -> tuple[str, str]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+            return response.headers["Content-Type"], await response.text()
+
+
+def _families(text: str) -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def _value(families: dict[str, Any], sample_name: str, **labels: str) -> float:
+    family_name = re.sub(r"_(total|bucket|count|sum)$", "", sample_name)
+    family = families.get(family_name) or families[sample_name]
+    found = [
+        s.value
+        for s in family.samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(found) == 1, (sample_name, labels, family.samples)
+    return float(found[0])
+
+
+async def test_metrics_read_by_prometheus_clients_parser(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    release = asyncio.Event()
+
+    async def held(payload: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    async with stand_ins(users_table(FLASHCARDS_USER)) as fakes:
+        fakes.openai.script(completion(FLASHCARD, prompt_tokens=900, completion_tokens=600))
+        registry = registry_of(
+            ProcessorSpec("broken", _broken_reply), ProcessorSpec("held", held),
+        )  # fmt: skip
+        registry.register(gf.build(fakes.env))
+        async with running_service(settings_for(redis_url, queue_name), registry) as service:
+            port = service.health.port
+            ids = [(await node6.add(queue_name, name, data, opts))["id"] for name, data, opts in (
+                ("ping", {}, {}), ("ping", {}, {}), ("broken", {}, {"attempts": 2, "backoff": 0}),
+                (gf.JOB_NAME, _flashcards_payload(), {}),
+            )]  # fmt: skip
+            for job_id in ids:
+                await node6.wait_finished(queue_name, job_id)
+            await node6.add(queue_name, "held", {})
+            await node6.add(queue_name, "ping", {}, {"delay": 60_000})
+            await eventually(lambda: _active_is(node6, queue_name, 1))
+            content_type, text = await _scrape(port)
+            counts = await node6.counts(queue_name)
+            release.set()
+    assert content_type == PROMETHEUS_TEXT
+    families = _families(text)
+    assert all(family.documentation for family in families.values()), [
+        name for name, family in families.items() if not family.documentation
+    ]
+    q = {"queue": queue_name}
+    assert _value(families, "worker_jobs_total", **q, job_type="ping", outcome="completed") == 2
+    assert _value(families, "worker_jobs_total", **q, job_type="broken", outcome="retry") == 1
+    assert _value(families, "worker_jobs_total", **q, job_type="broken", outcome="failed") == 1
+    assert families["worker_job_duration_seconds"].type == "histogram"
+    assert _value(families, "worker_job_duration_seconds_count", **q, job_type="ping") == 2
+    assert _value(families, "worker_job_duration_seconds_bucket", **q, job_type="ping",
+                  le="+Inf") == 2  # fmt: skip
+    assert _value(families, "worker_job_wait_seconds_count", **q, job_type="broken") == 1
+    for state in ("waiting", "active", "completed", "failed", "delayed", "prioritized", "paused",
+                  "waiting-children"):  # fmt: skip
+        expected = counts.get(state, 0)  # bullmq 6 has no `paused` state: 0 in ours too
+        assert _value(families, "worker_queue_jobs", **q, state=state) == expected, state
+    assert counts["active"] == 1 and counts["delayed"] == 1
+    assert _value(families, "worker_jobs_in_flight", **q) == 1
+    assert _value(families, "worker_redis_up", **q) == 1
+    assert _value(families, "worker_queue_paused", **q) == 0
+    flashcards = {**q, "job_type": gf.JOB_NAME, "model": "gpt-4o-mini"}
+    assert _value(families, "worker_ai_tokens_total", **flashcards, kind="input") == 900
+    assert _value(families, "worker_ai_tokens_total", **flashcards, kind="output") == 600
+    cost = _value(families, "worker_ai_cost_usd_total", **flashcards)
+    assert cost == pytest.approx((900 * 0.60 + 600 * 2.40) / 1e6)
+    assert "process_cpu_seconds" in families and "python_info" in families
+    assert "python_gc_collections" in families
+    promtool = shutil.which("promtool")
+    if promtool:  # Debian's `prometheus` package; where it is installed, lint as an operator would
+        lint = await asyncio.create_subprocess_exec(
+            promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        said, _ = await lint.communicate(text.encode())
+        assert lint.returncode == 0, said.decode()
+
+
+async def test_metrics_still_answer_without_redis(queue_name: str) -> None:
+    with private_redis() as url:
+        settings = settings_for(url, queue_name, WORKER_SHUTDOWN_GRACE_S=1)
+        service = Service(settings, registry_of(), Contract.load())
+        await service.start()
+    try:
+        _, text = await _scrape(service.health.port)
+    finally:
+        await asyncio.wait_for(service.stop(), timeout=15)
+    families = _families(text)
+    assert _value(families, "worker_redis_up", queue=queue_name) == 0
+    assert "worker_queue_jobs" not in families and "process_cpu_seconds" in families
+
+
+async def test_ai_prices_are_configurable(redis_url: str, queue_name: str) -> None:
+    settings = settings_for(redis_url, queue_name, WORKER_AI_PRICES="gpt-4o=2.5/10,*=1/2")
+    async with running_service(settings) as service:
+        service.metrics.ai_usage("lesson", "gpt-4o", 1_000_000, 100_000)
+        service.metrics.ai_usage("lesson", "other", 1_000_000, 1_000_000)
+        _, text = await _scrape(service.health.port)
+    families = _families(text)
+    cost = "worker_ai_cost_usd_total"
+    assert _value(families, cost, job_type="lesson", model="gpt-4o") == pytest.approx(3.5)
+    assert _value(families, cost, job_type="lesson", model="other") == pytest.approx(3.0)
+
+
+async def _active_is(node: NodeBridge, queue: str, n: int) -> bool:
+    return (await node.counts(queue))["active"] == n
+
+
+FLASHCARDS_USER = "0b6f3c2e-8d4a-4f1b-9c7e-2a5d8e1f4b60"
+FLASHCARD = {
+    "flashcards": [{"front": "heart", "back": "corazón", "topic": "Cardiology",
+                    "difficulty": "beginner", "example": "The heart beats.",
+                    "pronunciation": "/hɑːrt/"}]
+}  # fmt: skip
+
+
+def _flashcards_payload() -> dict[str, Any]:
+    return {
+        "content": f"Cardiology basics {uuid.uuid4().hex}: the heart pumps blood.",
+        "subject": "Medicine", "topic": "Cardiology", "userId": FLASHCARDS_USER,
+        "nativeLanguage": "Spanish", "targetLanguage": "English",
+    }  # fmt: skip

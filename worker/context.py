@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from worker.joblog import JobLogger
 
 ProgressSetter = Callable[[int | dict[str, Any]], Awaitable[None]]
+# ctx.ai_usage(model, input_tokens, output_tokens): after each billed AI call, for /metrics.
+UsageReporter = Callable[[str, int, int], None]
+
+
+def _no_usage(model: str, input_tokens: int, output_tokens: int) -> None:
+    """Where nothing counts tokens (tests that build a context by hand)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class JobContext:
     worker: Mapping[str, Any] = field(
         default_factory=dict
     )  # identity: host, pid, worker id, version
+    ai_usage: UsageReporter = _no_usage  # tokens by model: /metrics' tokens and cost counters
 
     @property
     def is_last_attempt(self) -> bool:

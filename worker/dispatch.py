@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 
-from worker.context import JobContext
+from worker.context import JobContext, UsageReporter
 from worker.errors import JobTimeout
 from worker.joblog import JobLog, JobLogger
 from worker.keys import IDEMPOTENCY_TTL_S, job_state_key
@@ -48,6 +48,7 @@ class Dispatcher:
         progress: ProgressWriter,
         job_timeout_s: float,
         redact: Callable[[str], str] = str,
+        ai_usage: Callable[[str, str, int, int], None] | None = None,
     ) -> None:
         self.registry = registry
         self.contract = contract
@@ -57,6 +58,8 @@ class Dispatcher:
         self.progress = progress
         self.job_timeout_s = job_timeout_s
         self.redact = redact  # secrets out of the job's BullMQ log (worker/logs.py Redactor)
+        self.ai_usage = ai_usage  # (job type, model, input, output tokens) -> /metrics
+        self._usage_of: dict[str, UsageReporter] = {}
 
     def timeout_for(self, name: str) -> float:
         """WORKER_JOB_TIMEOUT_S, or the processor's own shorter default for its job type."""
@@ -85,6 +88,7 @@ class Dispatcher:
             redis=self.redis,
             state_key=self.state_key(job.id),
             worker=self.identity,
+            ai_usage=self._usage_reporter(job.name),
         )
         timeout_s = self.timeout_for(job.name)
         try:
@@ -100,6 +104,14 @@ class Dispatcher:
         await self._write_idempotency(job, result)
         return result
 
+    def _usage_reporter(self, job_type: str) -> UsageReporter:
+        reporter = self._usage_of.get(job_type)
+        if reporter is None:
+            if self.ai_usage is None:
+                return _ignore_usage
+            reporter = self._usage_of[job_type] = functools.partial(self.ai_usage, job_type)
+        return reporter
+
     async def _write_idempotency(self, job: ActiveJob, result: Any) -> None:
         """INTEROP §3: SETEX before the job is marked completed; a failure never fails the job."""
         key = job.opts.get("idempotencyKey")
@@ -110,6 +122,10 @@ class Dispatcher:
             await self.redis.set(str(key), value, ex=IDEMPOTENCY_TTL_S)
         except Exception as exc:
             logger.warning("Could not write idempotency key {}: {}", key, exc)
+
+
+def _ignore_usage(model: str, input_tokens: int, output_tokens: int) -> None:
+    """No metrics to feed (a dispatcher built without them)."""
 
 
 def state_key_for(prefix: str, queue: str) -> Callable[[str], str]:

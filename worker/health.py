@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
+from worker.metrics import CONTENT_TYPE, Metrics, QueueSnapshot
 from worker.results import node_json
 from worker.stats import Stats
 
@@ -87,8 +88,12 @@ class HealthServer:
         concurrency: int,
         ready_stall_s: float,
         host: str | None = None,  # None: every address, IPv6 and IPv4 (`listening_socket`)
+        metrics: Metrics | None = None,
+        snapshot: Callable[[], Awaitable[QueueSnapshot]] | None = None,
     ) -> None:
         self.stats = stats
+        self.prometheus = metrics or Metrics("", lambda: stats.currently_processing)
+        self.snapshot = snapshot or _no_snapshot
         self.port = port
         self.host = host
         self.probe = probe
@@ -168,25 +173,10 @@ class HealthServer:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        s = self.stats
-        lines = [
-            "# TYPE worker_jobs_succeeded_total counter",
-            f"worker_jobs_succeeded_total {s.succeeded}",
-            "# TYPE worker_jobs_failed_total counter",
-            f"worker_jobs_failed_total {s.failed}",
-            "# TYPE worker_job_attempts_retried_total counter",
-            f"worker_job_attempts_retried_total {s.retried}",
-            "# TYPE worker_jobs_requeued_total counter",
-            f"worker_jobs_requeued_total {s.requeued}",
-            "# TYPE worker_jobs_active gauge",
-            f"worker_jobs_active {s.currently_processing}",
-            "# TYPE worker_jobs_active_peak gauge",
-            f"worker_jobs_active_peak {s.peak_concurrency}",
-            "# TYPE worker_job_duration_seconds_sum counter",
-            f"worker_job_duration_seconds_sum {s.total_duration_s:.6f}",
-            "# TYPE worker_uptime_seconds gauge",
-            f"worker_uptime_seconds {s.uptime_ms / 1000:.3f}",
-            "# TYPE worker_draining gauge",
-            f"worker_draining {int(self.draining)}",
-        ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        """Prometheus text format 0.0.4, by prometheus_client (worker/metrics.py)."""
+        body = await self.prometheus.render(self.snapshot, REDIS_PING_TIMEOUT_S)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _no_snapshot() -> QueueSnapshot:
+    raise RuntimeError("no queue to read")

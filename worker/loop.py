@@ -26,6 +26,7 @@ from worker.dispatch import Dispatcher
 from worker.errors import PermanentJobError, RateLimited
 from worker.joblog import JobLog
 from worker.keys import worker_alive_key, worker_runs_key
+from worker.metrics import Metrics
 from worker.protocol import (
     ActiveJob,
     NextJob,
@@ -55,6 +56,9 @@ HEARTBEAT_TTL_MS = 3000
 RUNS_TTL_S = 7 * 86_400
 
 
+UNDECODABLE = "(undecodable)"  # job_type label of jobs whose hash could not be read
+
+
 class RedisUnavailable(RuntimeError):
     """Redis did not answer at start-up."""
 
@@ -70,11 +74,13 @@ class JobLoop:
         stats: Stats,
         worker_id: str,
         identity: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.protocol = protocol
         self.dispatcher = dispatcher
         self.stats = stats
+        self.metrics = metrics or Metrics(settings.queue, lambda: stats.currently_processing)
         self.id = worker_id  # lock tokens are `<id>:<n>`
         self.identity = identity  # stable across restarts (RAILWAY_REPLICA_ID / WORKER_NAME)
         self._slots: set[asyncio.Task[None]] = set()
@@ -312,6 +318,7 @@ class JobLoop:
         self._active[token] = job
         started = time.monotonic()
         self.stats.job_started()
+        self.metrics.job_started(job.name, _waited_s(job))
         outcome = "retry"  # if the outcome cannot be recorded, the stalled check retries it
         recorded = False
         log = self._job_log(job)
@@ -342,13 +349,16 @@ class JobLoop:
                     answer = await self.protocol.complete(job, result, self._fetch_next, log)
                     del self._active[token]
                     recorded = True
-                    self.stats.job_ended("completed", time.monotonic() - started)
-                    self._log_completed(job, result, time.monotonic() - started)
+                    duration_s = time.monotonic() - started
+                    self.stats.job_ended("completed", duration_s)
+                    self.metrics.job_ended(job.name, "completed", duration_s)
+                    self._log_completed(job, result, duration_s)
             return await self._unless_stopping_next(answer)
         finally:
             if not recorded:
                 del self._active[token]
                 self.stats.job_ended(outcome, time.monotonic() - started)
+                self.metrics.job_ended(job.name, outcome, time.monotonic() - started)
                 if outcome == "retry" and self._stopping:  # cut off by the stop deadline
                     logger.warning(
                         "Job {} stays active until the stalled-job check moves it back"
@@ -453,9 +463,11 @@ class JobLoop:
                     await self.protocol.fail(job, job.reason, "[]", fetch_next=False)
                     logger.error("Job failed for good: {} ({})", job.id, job.reason)
                     self.stats.job_ended("failed", 0.0)
+                    self.metrics.job_ended(UNDECODABLE, "failed", 0.0)
                 except (RedisError, OSError, ValueError) as exc:
                     logger.error("Could not fail job {}: {}", job.id, _reason(exc))
                     self.stats.job_ended("retry", 0.0)
+                    self.metrics.job_ended(UNDECODABLE, "retry", 0.0)
 
     # -- logs ----------------------------------------------------------------------------------
 
@@ -568,6 +580,14 @@ class JobLoop:
             await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
         except TimeoutError:
             pass
+
+
+def _waited_s(job: ActiveJob) -> float | None:
+    """Enqueue (its timestamp, plus its delay) to this start, for a job's first attempt."""
+    if job.attempts_made or not job.timestamp:
+        return None
+    delay = job.opts.get("delay")
+    return (now_ms() - job.timestamp - (delay if type(delay) is int else 0)) / 1000
 
 
 def _end(log: JobLog | None, job: ActiveJob, started: float, how: str) -> None:

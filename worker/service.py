@@ -19,6 +19,7 @@ from worker.dispatch import Dispatcher, state_key_for
 from worker.health import HealthServer, QueueProbe
 from worker.logs import Redactor, secrets_from_env
 from worker.loop import JobLoop, RedisUnavailable
+from worker.metrics import Metrics, QueueSnapshot
 from worker.protocol import QueueProtocol
 from worker.registry import Registry
 from worker.settings import Settings
@@ -41,6 +42,12 @@ class Service:
         self.registry = registry
         self.contract = contract
         self.stats = Stats()
+        self.metrics = Metrics(
+            settings.queue,
+            lambda: self.stats.currently_processing,
+            settings.ai_prices,
+            draining=lambda: float(self.health is not None and self.health.draining),
+        )
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -106,8 +113,11 @@ class Service:
             protocol.update_progress,
             s.job_timeout_s,
             self.redact,
+            self.metrics.ai_usage,
         )
-        self.worker = JobLoop(s, protocol, dispatcher, self.stats, worker_id, s.instance_id)
+        self.worker = JobLoop(
+            s, protocol, dispatcher, self.stats, worker_id, s.instance_id, self.metrics
+        )
         return self.worker
 
     async def run_until_idle(self) -> None:
@@ -119,8 +129,9 @@ class Service:
         s = self.settings
         worker = self._build()
         health = HealthServer(
-            self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s
-        )
+            self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s,
+            metrics=self.metrics, snapshot=self._snapshot,
+        )  # fmt: skip
         self.health = health
 
         logger.info("=" * 60)
@@ -186,6 +197,11 @@ class Service:
         assert self.worker is not None
         waiting, paused, limited_ms = await self.worker.protocol.probe()
         return QueueProbe(waiting=waiting, paused=paused, rate_limited_ms=limited_ms)
+
+    async def _snapshot(self) -> QueueSnapshot:
+        assert self.worker is not None
+        counts, paused, limited_ms = await self.worker.protocol.snapshot()
+        return QueueSnapshot(counts, paused, limited_ms)
 
     def _own(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
