@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -379,3 +380,20 @@ def _flashcards_payload() -> dict[str, Any]:
         "subject": "Medicine", "topic": "Cardiology", "userId": FLASHCARDS_USER,
         "nativeLanguage": "Spanish", "targetLanguage": "English",
     }  # fmt: skip
+
+
+async def test_the_readmes_alert_rules_are_valid_prometheus_rules(tmp_path: Any) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("Two alert rules worth having:")[1].split("```yaml")[1].split("```")[0]
+    rules = tmp_path / "rules.yml"
+    indented = "\n".join(f"    {line}" if line.strip() else line for line in block.splitlines())
+    rules.write_text(f"groups:\n  - name: worker\n    rules:\n{indented}\n")
+    check = await asyncio.create_subprocess_exec(
+        promtool, "check", "rules", str(rules), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    said, _ = await check.communicate()
+    assert check.returncode == 0 and b"SUCCESS: 2 rules found" in said, said.decode()
