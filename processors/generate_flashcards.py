@@ -152,6 +152,7 @@ class FlashcardsProcessor:
             usage.completion_tokens,
         )
         # Billed whether or not the reply is usable, so accounted before it is judged.
+        ctx.ai_usage(self.settings.model, usage.prompt_tokens, usage.completion_tokens)
         await self.budget.record(user_id, usage.prompt_tokens, usage.completion_tokens, ctx.log)
         await ctx.progress(80)
 

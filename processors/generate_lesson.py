@@ -493,6 +493,7 @@ class _Run:
             values[key] = transform(self._parsed(step, reply.parsed()))
         except Exception as exc:
             failure = exc
+        self.ctx.ai_usage(self.p.settings.model, usage.prompt_tokens, usage.completion_tokens)
         # Billed whether or not the reply is usable: saved with the result, in one write.
         await self.state.record_call(
             usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, values

@@ -138,3 +138,29 @@ async def test_command_sockets_are_bounded_by_tcp_not_by_a_timer(
 async def _a_pooled_connection(conn: aioredis.Redis) -> Any:
     available = list(conn.connection_pool._available_connections)
     return available[0] if available else None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "a" * 40, 2, b"k1", "k2", 1764500000123, b"\x80\x00\xff", "Grüße 日本語", ""),
+        ("EVALSHA", "a" * 40, 1, "k", "x" * 100_000),  # beyond redis-py's chunking cutoff
+    ],
+)
+def test_the_c_packer_writes_the_bytes_redis_py_would(args: tuple[Any, ...]) -> None:
+    from worker.autopipeline import _pack
+
+    conn = aioredis.Redis(encoding_errors="surrogateescape").connection_pool.make_connection()
+    assert _pack(conn, args) == b"".join(conn.pack_command(*args))
+
+
+def test_a_value_the_c_packer_refuses_is_packed_by_redis_py() -> None:
+    from worker.autopipeline import _pack
+
+    conn = aioredis.Redis(encoding_errors="surrogateescape").connection_pool.make_connection()
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")  # as read from a job hash
+    packed = _pack(conn, ("EVALSHA", "a" * 40, 0, undecodable))
+    assert isinstance(packed, list)  # redis-py's chunks: hiredis refused it
+    wire = b"".join(packed)
+    assert wire == b"".join(conn.pack_command("EVALSHA", "a" * 40, 0, undecodable))
+    assert b"caf\xe9" in wire

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import re
 import socket
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.harness import eventually, registry_of, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
@@ -104,8 +106,11 @@ async def test_metrics_exposes_the_counters(redis_url: str, queue_name: str) -> 
             url = f"http://127.0.0.1:{service.health.port}/metrics"
             async with session.get(url) as response:
                 text = await response.text()
-    assert "worker_jobs_succeeded_total 0" in text
-    assert "worker_jobs_active 0" in text
+    # Read as Prometheus reads it (tests/test_observability.py checks every metric).
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (in_flight,) = families["worker_jobs_in_flight"].samples
+    assert in_flight.value == 0 and in_flight.labels == {"queue": queue_name}
+    assert families["worker_draining"].samples[0].value == 0
 
 
 async def _status_if(port: int, path: str, want: int) -> tuple[int, Any] | None:
@@ -204,3 +209,40 @@ async def test_a_taken_port_is_an_error_not_a_silent_ipv4_fallback() -> None:
             await server.start()
         await server.stop()
     assert caught.value.errno == errno.EADDRINUSE
+
+
+# What the web service's own test-worker-service.sh checks (INTEROP §9), with its tools: curl
+# for the body, grep for the exact bytes (compact JSON, as Express's res.json writes it).
+WEB_SERVICE_CHECK = r"""
+set -u
+body=$(curl -s "$WORKER_URL/health")
+echo "$body" | grep -q '"status":"healthy"' || { echo "test 1: not healthy"; exit 1; }
+processed=$(echo "$body" | grep -o '"processed":[0-9]*' | cut -d: -f2)
+succeeded=$(echo "$body" | grep -o '"succeeded":[0-9]*' | cut -d: -f2)
+[ -n "$processed" ] && [ -n "$succeeded" ] || { echo "no processed/succeeded counts"; exit 1; }
+echo "$processed $succeeded"
+"""
+
+
+async def test_the_web_services_own_health_check_passes(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    async with running_service(settings_for(redis_url, queue_name)) as service:
+        port = service.health.port
+        added = await node6.add(queue_name, "ping", {})
+        await node6.wait_finished(queue_name, added["id"])
+        check = await asyncio.create_subprocess_exec(
+            "bash", "-c", WEB_SERVICE_CHECK,
+            env={"WORKER_URL": f"http://127.0.0.1:{port}", "PATH": "/usr/bin:/bin"},
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await check.communicate()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                content_type = response.headers["Content-Type"]
+                raw = await response.read()
+    assert check.returncode == 0, out
+    assert out.split() == [b"1", b"1"]
+    assert content_type == "application/json; charset=utf-8"  # as Express sends it
+    body = json.loads(raw)
+    assert raw.decode() == json.dumps(body, separators=(",", ":"))  # JSON.stringify: no spaces

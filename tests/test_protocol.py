@@ -19,17 +19,22 @@ from typing import Any
 import bullmq
 import msgpack
 import pytest
-from bullmq.redis_connection import SCRIPT_DEFINITIONS
+from bullmq.redis_connection import SCRIPT_DEFINITIONS, loadScript
 from bullmq.scripts import Scripts
 
+from worker.joblog import JobLog
 from worker.protocol import (
     BULLMQ_VERSION,
+    FINISH_WITH_LOGS_PRELUDE,
     SCRIPTS,
     ActiveJob,
     QueueProtocol,
     UndecodableJob,
     backoff_delay_ms,
+    client_name,
     decode_job,
+    stack_of,
+    trace_of,
 )
 from worker.results import node_json
 from worker.settings import Settings
@@ -107,10 +112,13 @@ def job(**opts: Any) -> ActiveJob:
 
 
 def bullmq_job(j: ActiveJob, settings: Settings) -> SimpleNamespace:
+    queue_opts: dict[str, Any] = {"limiter": settings.limiter,
+                                  "lockDuration": settings.lock_duration_ms}  # fmt: skip
+    if settings.metrics_max_data_points:  # Node's worker option `metrics: {maxDataPoints}`
+        queue_opts["metrics"] = {"maxDataPoints": settings.metrics_max_data_points}
     return SimpleNamespace(
         id=j.id, opts=j.opts, attempts=j.opts.get("attempts", 1), attemptsMade=j.attempts_made,
-        queue=SimpleNamespace(opts={"limiter": settings.limiter,
-                                    "lockDuration": settings.lock_duration_ms}),
+        queue=SimpleNamespace(opts=queue_opts),
     )  # fmt: skip
 
 
@@ -150,6 +158,14 @@ async def test_move_to_active_names_the_worker_as_node_does(settings: Settings) 
     assert packed["name"] == "replica-1" and packed["token"] == TOKEN
 
 
+def test_the_blocking_connection_is_named_as_nodes_worker_names_it(settings: Settings) -> None:
+    # Node: `${prefix}:${Buffer.from(queue).toString('base64')}` + `:w:${name}` when named.
+    assert client_name("bull", "ai-jobs") == "bull:YWktam9icw=="
+    assert client_name("bull", "ai-jobs", "replica-1") == "bull:YWktam9icw==:w:replica-1"
+    assert client_name("pfx", "colas-ñ") == "pfx:Y29sYXMtw7E="  # UTF-8 bytes, as Buffer.from
+    assert QueueProtocol(settings, "r").client_name == "pfx:cTE=:w:r"
+
+
 @pytest.mark.parametrize("remove", [True, False, 5, {"age": 3600, "count": 100}])
 async def test_complete(
     ours: QueueProtocol, theirs: Scripts, settings: Settings, remove: Any
@@ -165,6 +181,76 @@ async def test_complete(
     assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
     assert json.loads(our_args[3]) == json.loads(args[3])
     assert our_args[3] == node_json({"ok": "ü"}).encode()  # raw UTF-8, as JSON.stringify writes it
+
+
+@pytest.mark.parametrize(("points", "packed"), [(None, 10_080), ("60", 60), ("0", "")])
+async def test_finishing_records_bullmqs_metrics_as_a_node_worker_with_the_option(
+    points: str | None, packed: Any
+) -> None:
+    env = {"WORKER_QUEUE": "q1", "WORKER_PREFIX": "pfx"}
+    if points is not None:
+        env["WORKER_METRICS_MAX_DATA_POINTS"] = points
+    settings = Settings.from_env(env)
+    ours = QueueProtocol(settings)
+    ours.move_to_finished = recorder = Recorder()  # type: ignore[assignment]
+    connection = SimpleNamespace(conn=None, commands={})
+    theirs = Scripts(settings.prefix, settings.queue, connection)  # type: ignore[arg-type]
+    for target in ("completed", "failed"):
+        j = job(attempts=1)
+        if target == "completed":
+            await ours.complete(j, 1, fetch_next=False)
+            expected = theirs.moveToCompletedArgs(bullmq_job(j, settings), 1, False, TOKEN, False)
+        else:
+            await ours.fail(j, "boom", "[]", fetch_next=False)
+            fields = {"failedReason": "boom", "stacktrace": "[]"}
+            expected = theirs.moveToFailedArgs(
+                bullmq_job(j, settings), "boom", False, TOKEN, False, fields
+            )
+        keys, args = on_the_wire(expected)
+        our_keys, our_args = last(recorder)
+        assert our_keys[12] == keys[12] == f"pfx:q1:metrics:{target}".encode()
+        assert msgpack.unpackb(our_args[7])["maxMetricsSize"] == packed
+        assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
+
+
+def test_the_finishing_script_is_bullmqs_own_after_the_job_log_lines(
+    settings: Settings,
+) -> None:
+    proto = QueueProtocol(settings)
+    source = proto.move_to_finished.script.script
+    assert isinstance(source, str)
+    assert source == FINISH_WITH_LOGS_PRELUDE + loadScript(SCRIPTS["moveToFinished"])
+    # the lines go in ahead of everything of BullMQ's, in beyond-the-end KEYS and ARGV
+    assert "KEYS[15]" in FINISH_WITH_LOGS_PRELUDE and "unpack(ARGV, 11)" in FINISH_WITH_LOGS_PRELUDE
+    assert "KEYS[15]" not in source[len(FINISH_WITH_LOGS_PRELUDE) :]
+    assert "ARGV[10]" not in source[len(FINISH_WITH_LOGS_PRELUDE) :]
+
+
+@pytest.mark.parametrize("target", ["completed", "failed"])
+async def test_job_log_lines_ride_on_the_finishing_call(
+    ours: QueueProtocol, theirs: Scripts, settings: Settings, target: str
+) -> None:
+    j = job(attempts=3)
+    log = JobLog(7, "Attempt 2/3 started")
+    log.end("Attempt 2/3 done")
+    fields = {"failedReason": "boom", "stacktrace": "[]"}
+    if target == "completed":
+        await ours.complete(j, 1, fetch_next=True, log=log)
+        keys, args = on_the_wire(
+            theirs.moveToCompletedArgs(bullmq_job(j, settings), 1, False, TOKEN, True)
+        )
+        args.append(b"")  # ARGV[9]: no fields
+    else:
+        await ours.fail(j, "boom", "[]", fetch_next=True, log=log)
+        keys, args = on_the_wire(
+            theirs.moveToFailedArgs(bullmq_job(j, settings), "boom", False, TOKEN, True, fields)
+        )
+    our_keys, our_args = last(ours.scripts["moveToFinished"])
+    assert our_keys == [*keys, b"pfx:q1:42:logs"]
+    assert our_args[:7] + our_args[8:9] == args[:7] + args[8:9]
+    assert msgpack.unpackb(our_args[7]) == msgpack.unpackb(args[7])
+    assert our_args[9:] == [b"7", b"Attempt 2/3 started", b"Attempt 2/3 done"]
+    assert log.take() == []  # written once
 
 
 async def test_fail_for_good(ours: QueueProtocol, theirs: Scripts, settings: Settings) -> None:
@@ -304,3 +390,77 @@ def test_only_the_protocol_module_imports_bullmq() -> None:
             if any(name == "bullmq" or name.startswith("bullmq.") for name in names):
                 importers.add(path.relative_to(root).as_posix())
     assert importers == {"worker/protocol.py"}
+
+
+# --- the stored stacktrace -----------------------------------------------------------------------
+
+
+def _parse(text: str) -> Any:
+    return json.loads(text)  # a library frame (json), below ours
+
+
+def _read_reply(text: str) -> Any:
+    try:
+        return _parse(text)
+    except ValueError as exc:
+        raise RuntimeError("the reply is not JSON") from exc
+
+
+def _raised(fn: Any, *args: Any) -> BaseException:
+    try:
+        fn(*args)
+    except BaseException as exc:
+        return exc
+    raise AssertionError("did not raise")
+
+
+def test_a_trace_reads_as_nodes_reason_and_our_frames_first_then_causes() -> None:
+    exc = _raised(_read_reply, "{nope")
+    lines = trace_of(exc).splitlines()
+    assert lines[0] == "RuntimeError: the reply is not JSON"
+    assert (
+        lines[1] == f"    at _read_reply (tests/test_protocol.py:{_line_of('raise RuntimeError')})"
+    )
+    assert lines[2].startswith("    at _raised (tests/test_protocol.py:")
+    assert lines[3].startswith("Caused by: JSONDecodeError: Expecting property name")
+    assert lines[3].endswith(f"(at _parse tests/test_protocol.py:{_line_of('return json.loads')})")
+    assert len(lines) == 4  # json's own frames are not ours: not listed, no traceback text
+
+
+def test_library_frames_are_counted_and_named_not_listed() -> None:
+    exc = _raised(json.loads, "{nope")
+    lines = trace_of(exc).splitlines()
+    assert lines[0].startswith("JSONDecodeError: Expecting property name")
+    assert lines[-1].startswith("    ... ") and "library frame(s) left out: json" in lines[-1]
+    assert not any("site-packages" in line or "/json/" in line for line in lines)
+
+
+def test_a_trace_stays_under_two_kilobytes() -> None:
+    def deep(n: int) -> None:
+        if n == 0:
+            raise ValueError("x" * 10_000 + "\nsecond line")
+        deep(n - 1)
+
+    exc = _raised(deep, 200)
+    trace = trace_of(exc)
+    assert len(trace.encode()) <= 2048
+    lines = trace.splitlines()
+    assert lines[0].startswith("ValueError: xxx") and lines[0].endswith("…")
+    assert lines[1].startswith("    at deep (")  # the innermost frame is kept
+    assert lines[-1].startswith("    ... ") and lines[-1].endswith("more frame(s) of ours")
+
+
+def test_stack_of_appends_one_entry_per_attempt_and_honours_stack_trace_limit() -> None:
+    exc = _raised(_read_reply, "{nope")
+    first = job(attempts=3)
+    stored = stack_of(first, exc)
+    second = ActiveJob(id="42", name="ping", data={}, opts={"stackTraceLimit": 1}, token=TOKEN,
+                       stacktrace=stored)  # fmt: skip
+    assert len(json.loads(stored)) == 1
+    assert json.loads(stack_of(second, exc)) == json.loads(stored)  # the older one dropped
+    assert json.loads(stack_of(job(stackTraceLimit=0), exc)) == []
+
+
+def _line_of(text: str) -> int:
+    source = Path(__file__).read_text().splitlines()
+    return next(n for n, line in enumerate(source, 1) if text in line and "_line_of" not in line)

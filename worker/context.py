@@ -10,7 +10,15 @@ if TYPE_CHECKING:
     from loguru import Logger
     from redis.asyncio import Redis
 
+    from worker.joblog import JobLogger
+
 ProgressSetter = Callable[[int | dict[str, Any]], Awaitable[None]]
+# ctx.ai_usage(model, input_tokens, output_tokens): after each billed AI call, for /metrics.
+UsageReporter = Callable[[str, int, int], None]
+
+
+def _no_usage(model: str, input_tokens: int, output_tokens: int) -> None:
+    """Where nothing counts tokens (tests that build a context by hand)."""
 
 
 @dataclass(frozen=True)
@@ -22,12 +30,14 @@ class JobContext:
     attempt: int  # 1-based number of this run (1 on the first try)
     max_attempts: int
     progress: ProgressSetter  # await ctx.progress(50): visible to Node's job.progress
-    log: Logger  # loguru logger; the job id is bound to every line
+    # loguru's logger with the job bound; INFO and up also reach the job's BullMQ log
+    log: JobLogger | Logger
     redis: Redis  # the worker's command connection, for per-job state kept beside the job
     state_key: str  # where this job may keep resumable state: `<prefix>:<queue>:<job id>:py-state`
     worker: Mapping[str, Any] = field(
         default_factory=dict
     )  # identity: host, pid, worker id, version
+    ai_usage: UsageReporter = _no_usage  # tokens by model: /metrics' tokens and cost counters
 
     @property
     def is_last_attempt(self) -> bool:

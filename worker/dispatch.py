@@ -10,12 +10,13 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 
-from worker.context import JobContext
+from worker.context import JobContext, UsageReporter
 from worker.errors import JobTimeout
+from worker.joblog import JobLog, JobLogger
 from worker.keys import IDEMPOTENCY_TTL_S, job_state_key
 from worker.results import node_json, to_json_safe
 
@@ -25,6 +26,13 @@ if TYPE_CHECKING:
     from worker.contract import Contract
     from worker.protocol import ActiveJob
     from worker.registry import Registry
+
+
+class ProgressWriter(Protocol):
+    """`QueueProtocol.update_progress`: the progress, and the job log's pending lines."""
+
+    def __call__(self, job_id: str, progress: Any, log: JobLog | None = None) -> Awaitable[None]:
+        """Write it to the job."""
 
 
 class Dispatcher:
@@ -37,8 +45,10 @@ class Dispatcher:
         identity: Mapping[str, Any],
         redis: Redis,
         state_key: Callable[[str], str],
-        progress: Callable[[str, Any], Awaitable[None]],
+        progress: ProgressWriter,
         job_timeout_s: float,
+        redact: Callable[[str], str] = str,
+        ai_usage: Callable[[str, str, int, int], None] | None = None,
     ) -> None:
         self.registry = registry
         self.contract = contract
@@ -47,6 +57,9 @@ class Dispatcher:
         self.state_key = state_key
         self.progress = progress
         self.job_timeout_s = job_timeout_s
+        self.redact = redact  # secrets out of the job's BullMQ log (worker/logs.py Redactor)
+        self.ai_usage = ai_usage  # (job type, model, input, output tokens) -> /metrics
+        self._usage_of: dict[str, UsageReporter] = {}
 
     def timeout_for(self, name: str) -> float:
         """WORKER_JOB_TIMEOUT_S, or the processor's own shorter default for its job type."""
@@ -55,7 +68,8 @@ class Dispatcher:
             return self.job_timeout_s
         return min(spec_timeout, self.job_timeout_s)
 
-    async def run(self, job: ActiveJob) -> Any:
+    async def run(self, job: ActiveJob, log: JobLog | None = None) -> Any:
+        """The processor's result; `log` collects the attempt's BullMQ log lines."""
         spec = self.registry.get(job.name)  # UnknownJobType: permanent
         data = job.data  # `null` stays null: the contract fails it as not an object
         # Start-up refuses a processor without a schema; only tests register such processors.
@@ -67,11 +81,14 @@ class Dispatcher:
             name=job.name,
             attempt=job.attempt,
             max_attempts=job.max_attempts,
-            progress=functools.partial(self.progress, job.id),
-            log=logger.bind(job_id=job.id, job_name=job.name, attempt=job.attempt),
+            progress=functools.partial(self.progress, job.id, log=log),
+            log=JobLogger(
+                logger.bind(job_id=job.id, job_name=job.name, attempt=job.attempt), log, self.redact
+            ),
             redis=self.redis,
             state_key=self.state_key(job.id),
             worker=self.identity,
+            ai_usage=self._usage_reporter(job.name),
         )
         timeout_s = self.timeout_for(job.name)
         try:
@@ -87,6 +104,14 @@ class Dispatcher:
         await self._write_idempotency(job, result)
         return result
 
+    def _usage_reporter(self, job_type: str) -> UsageReporter:
+        reporter = self._usage_of.get(job_type)
+        if reporter is None:
+            if self.ai_usage is None:
+                return _ignore_usage
+            reporter = self._usage_of[job_type] = functools.partial(self.ai_usage, job_type)
+        return reporter
+
     async def _write_idempotency(self, job: ActiveJob, result: Any) -> None:
         """INTEROP §3: SETEX before the job is marked completed; a failure never fails the job."""
         key = job.opts.get("idempotencyKey")
@@ -97,6 +122,10 @@ class Dispatcher:
             await self.redis.set(str(key), value, ex=IDEMPOTENCY_TTL_S)
         except Exception as exc:
             logger.warning("Could not write idempotency key {}: {}", key, exc)
+
+
+def _ignore_usage(model: str, input_tokens: int, output_tokens: int) -> None:
+    """No metrics to feed (a dispatcher built without them)."""
 
 
 def state_key_for(prefix: str, queue: str) -> Callable[[str], str]:

@@ -15,6 +15,8 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
+from worker.metrics import CONTENT_TYPE, Metrics, QueueSnapshot
+from worker.results import node_json
 from worker.stats import Stats
 
 REDIS_PING_TIMEOUT_S = 2.0
@@ -34,6 +36,14 @@ class QueueProbe:
 def iso_now() -> str:
     """`new Date().toISOString()`: UTC, milliseconds, `Z`."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def express_json(body: Any, status: int = 200) -> web.Response:
+    """What Express's `res.json` sends: `JSON.stringify` (no spaces: the web service's
+    test-worker-service.sh greps `"status":"healthy"`), `application/json; charset=utf-8`."""
+    return web.Response(
+        text=node_json(body), status=status, content_type="application/json", charset="utf-8"
+    )
 
 
 def listening_socket(port: int) -> socket.socket:
@@ -78,8 +88,12 @@ class HealthServer:
         concurrency: int,
         ready_stall_s: float,
         host: str | None = None,  # None: every address, IPv6 and IPv4 (`listening_socket`)
+        metrics: Metrics | None = None,
+        snapshot: Callable[[], Awaitable[QueueSnapshot]] | None = None,
     ) -> None:
         self.stats = stats
+        self.prometheus = metrics or Metrics("", lambda: stats.currently_processing)
+        self.snapshot = snapshot or _no_snapshot
         self.port = port
         self.host = host
         self.probe = probe
@@ -126,7 +140,7 @@ class HealthServer:
         }
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response(self.health_body())
+        return express_json(self.health_body())
 
     async def readiness(self) -> tuple[bool, str]:
         if self.draining:
@@ -154,30 +168,15 @@ class HealthServer:
         ok, reason = await self.readiness()
         if not ok:
             logger.warning("/ready: {}", reason)
-        return web.json_response(
+        return express_json(
             {"ready": ok, "reason": reason, "timestamp": iso_now()}, status=200 if ok else 503
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        s = self.stats
-        lines = [
-            "# TYPE worker_jobs_succeeded_total counter",
-            f"worker_jobs_succeeded_total {s.succeeded}",
-            "# TYPE worker_jobs_failed_total counter",
-            f"worker_jobs_failed_total {s.failed}",
-            "# TYPE worker_job_attempts_retried_total counter",
-            f"worker_job_attempts_retried_total {s.retried}",
-            "# TYPE worker_jobs_requeued_total counter",
-            f"worker_jobs_requeued_total {s.requeued}",
-            "# TYPE worker_jobs_active gauge",
-            f"worker_jobs_active {s.currently_processing}",
-            "# TYPE worker_jobs_active_peak gauge",
-            f"worker_jobs_active_peak {s.peak_concurrency}",
-            "# TYPE worker_job_duration_seconds_sum counter",
-            f"worker_job_duration_seconds_sum {s.total_duration_s:.6f}",
-            "# TYPE worker_uptime_seconds gauge",
-            f"worker_uptime_seconds {s.uptime_ms / 1000:.3f}",
-            "# TYPE worker_draining gauge",
-            f"worker_draining {int(self.draining)}",
-        ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        """Prometheus text format 0.0.4, by prometheus_client (worker/metrics.py)."""
+        body = await self.prometheus.render(self.snapshot, REDIS_PING_TIMEOUT_S)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _no_snapshot() -> QueueSnapshot:
+    raise RuntimeError("no queue to read")

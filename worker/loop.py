@@ -24,8 +24,10 @@ from redis.exceptions import RedisError
 
 from worker.dispatch import Dispatcher
 from worker.errors import PermanentJobError, RateLimited
+from worker.joblog import JobLog
 from worker.keys import worker_alive_key, worker_runs_key
 from worker.logs import job_line, job_lines_on
+from worker.metrics import Metrics
 from worker.protocol import (
     ActiveJob,
     NextJob,
@@ -56,6 +58,9 @@ HEARTBEAT_TTL_MS = 3000
 RUNS_TTL_S = 7 * 86_400
 
 
+UNDECODABLE = "(undecodable)"  # job_type label of jobs whose hash could not be read
+
+
 class RedisUnavailable(RuntimeError):
     """Redis did not answer at start-up."""
 
@@ -71,11 +76,13 @@ class JobLoop:
         stats: Stats,
         worker_id: str,
         identity: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.protocol = protocol
         self.dispatcher = dispatcher
         self.stats = stats
+        self.metrics = metrics or Metrics(settings.queue, lambda: stats.currently_processing)
         self.id = worker_id  # lock tokens are `<id>:<n>`
         self.identity = identity  # stable across restarts (RAILWAY_REPLICA_ID / WORKER_NAME)
         self._slots: set[asyncio.Task[None]] = set()
@@ -96,6 +103,8 @@ class JobLoop:
         self._poisoned: list[UndecodableJob] = []  # activated, undecodable: to fail at once
         self._stop_task: asyncio.Task[list[str]] | None = None
         self.deadline_hit = False  # stop() had to interrupt running jobs
+        who = settings.worker_name or dispatcher.identity.get("host", "?")
+        self._started_by = f" started (worker {who}, pid {dispatcher.identity.get('pid', '?')})"
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -318,40 +327,47 @@ class JobLoop:
         self._active[token] = job
         started = time.monotonic()
         self.stats.job_started()
+        self.metrics.job_started(job.name, _waited_s(job))
         outcome = "retry"  # if the outcome cannot be recorded, the stalled check retries it
         recorded = False
+        log = self._job_log(job)
         try:
             with logger.contextualize(job_id=job.id, job_name=job.name, attempt=job.attempt):
                 self._log_pickup(job)
                 try:
                     if job.deferred_failure:
                         raise PermanentJobError(job.deferred_failure)
-                    result = await self.dispatcher.run(job)
+                    result = await self.dispatcher.run(job, log)
                 except asyncio.CancelledError:
                     if not self._stopping:
                         raise
                     _uncancel()
                     outcome = "requeued"
                     logger.warning("Job interrupted by shutdown; it goes back to the queue")
-                    await self._hand_back(job)
+                    _end(log, job, started, "interrupted by shutdown: back to waiting")
+                    await self._hand_back(job, log)
                     return None
                 except RateLimited as exc:
                     outcome = "requeued"
-                    await self._requeue_rate_limited(job, exc)
+                    await self._requeue_rate_limited(job, exc, log, started)
                     return None
                 except Exception as exc:
-                    outcome, answer = await self._fail(job, exc)
+                    outcome, answer = await self._fail(job, exc, log, started)
                 else:
-                    answer = await self.protocol.complete(job, result, self._fetch_next)
+                    _end(log, job, started, "completed")
+                    answer = await self.protocol.complete(job, result, self._fetch_next, log)
                     del self._active[token]
                     recorded = True
-                    self.stats.job_ended("completed", time.monotonic() - started)
-                    self._log_completed(job, result, time.monotonic() - started)
+                    duration_s = time.monotonic() - started
+                    self.stats.job_ended("completed", duration_s)
+                    self.metrics.job_ended(job.name, "completed", duration_s)
+                    self._log_completed(job, result, duration_s)
             return await self._unless_stopping_next(answer)
         finally:
             if not recorded:
                 del self._active[token]
                 self.stats.job_ended(outcome, time.monotonic() - started)
+                self.metrics.job_ended(job.name, outcome, time.monotonic() - started)
                 if outcome == "retry" and self._stopping:  # cut off by the stop deadline
                     logger.warning(
                         "Job {} stays active until the stalled-job check moves it back"
@@ -368,7 +384,18 @@ class JobLoop:
         await self._fail_poisoned()
         return None if job is None else await self._unless_stopping(job)
 
-    async def _fail(self, job: ActiveJob, exc: Exception) -> tuple[str, NextJob]:
+    def _job_log(self, job: ActiveJob) -> JobLog | None:
+        """The attempt's BullMQ log: the job's `keepLogs` lines at most, else the setting's."""
+        if not self.settings.job_log_lines:
+            return None
+        keep = job.opts.get("keepLogs")
+        if type(keep) is not int or keep <= 0:
+            keep = self.settings.job_log_lines
+        return JobLog(keep, f"Attempt {job.attempt}/{job.max_attempts}{self._started_by}")
+
+    async def _fail(
+        self, job: ActiveJob, exc: Exception, log: JobLog | None = None, started: float = 0.0
+    ) -> tuple[str, NextJob]:
         """Retry per the job's attempts and backoff, or fail it for good."""
         reason = str(exc)
         permanent = isinstance(exc, PermanentJobError)
@@ -390,17 +417,27 @@ class JobLoop:
             logger.error("Max retries reached for job {}", job.id)
         stack = stack_of(job, exc)
         if final:
-            answer = await self.protocol.fail(job, reason, stack, self._fetch_next)
+            _end(log, job, started, f"failed for good: {_reason(exc)}")
+            answer = await self.protocol.fail(job, reason, stack, self._fetch_next, log)
             logger.error("Job failed for good: {} ({})", job.id, _reason(exc))
             return "failed", answer
-        await self.protocol.retry(job, reason, stack, delay_ms)
+        _end(log, job, started, f"failed: {_reason(exc)}; retried in {delay_ms} ms")
+        await self.protocol.retry(job, reason, stack, delay_ms, log)
         logger.warning("Job {} will be retried: {}", job.id, _reason(exc))
         return "retry", NextJob(None)
 
-    async def _requeue_rate_limited(self, job: ActiveJob, exc: RateLimited) -> None:
+    async def _requeue_rate_limited(
+        self, job: ActiveJob, exc: RateLimited, log: JobLog | None, started: float
+    ) -> None:
         wait_s = min(max(exc.retry_after_s, MIN_RATE_LIMIT_S), MAX_RATE_LIMIT_S)
         await self.protocol.rate_limit(int(wait_s * 1000))
-        code = await self.protocol.move_to_wait(job.id, job.token)
+        _end(
+            log,
+            job,
+            started,
+            f"rate limited upstream: back to waiting, queue paused {wait_s:.0f} s",
+        )
+        code = await self.protocol.move_to_wait(job.id, job.token, log)
         logger.warning(
             "Rate limited upstream: queue paused {:.1f} s, job {} back to waiting (code {})",
             wait_s,
@@ -408,14 +445,14 @@ class JobLoop:
             code,
         )
 
-    async def _hand_back(self, job: ActiveJob) -> None:
+    async def _hand_back(self, job: ActiveJob, log: JobLog | None = None) -> None:
         """Back to waiting, first in line, no attempt used (moveJobFromActiveToWait)."""
         with logger.contextualize(job_id=job.id, job_name=job.name, attempt=job.attempt):
-            await self._hand_back_logged(job)
+            await self._hand_back_logged(job, log)
 
-    async def _hand_back_logged(self, job: ActiveJob) -> None:
+    async def _hand_back_logged(self, job: ActiveJob, log: JobLog | None) -> None:
         try:
-            code = await self.protocol.move_to_wait(job.id, job.token)
+            code = await self.protocol.move_to_wait(job.id, job.token, log)
         except (RedisError, OSError) as exc:
             logger.warning("Could not return job {} to the queue: {}", job.id, exc)
             code = -1
@@ -439,9 +476,11 @@ class JobLoop:
                     await self.protocol.fail(job, job.reason, "[]", fetch_next=False)
                     logger.error("Job failed for good: {} ({})", job.id, job.reason)
                     self.stats.job_ended("failed", 0.0)
+                    self.metrics.job_ended(UNDECODABLE, "failed", 0.0)
                 except (RedisError, OSError, ValueError) as exc:
                     logger.error("Could not fail job {}: {}", job.id, _reason(exc))
                     self.stats.job_ended("retry", 0.0)
+                    self.metrics.job_ended(UNDECODABLE, "retry", 0.0)
 
     # -- logs ----------------------------------------------------------------------------------
 
@@ -552,6 +591,21 @@ class JobLoop:
             await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
         except TimeoutError:
             pass
+
+
+def _waited_s(job: ActiveJob) -> float | None:
+    """Enqueue (its timestamp, plus its delay) to this start, for a job's first attempt."""
+    if job.attempts_made or not job.timestamp:
+        return None
+    delay = job.opts.get("delay")
+    return (now_ms() - job.timestamp - (delay if type(delay) is int else 0)) / 1000
+
+
+def _end(log: JobLog | None, job: ActiveJob, started: float, how: str) -> None:
+    """The attempt's last line in its BullMQ log: how it ended and how long it ran."""
+    if log is not None:
+        ms = (time.monotonic() - started) * 1000
+        log.end(f"Attempt {job.attempt}/{job.max_attempts} {how} after {ms:.0f} ms")
 
 
 def _uncancel() -> None:

@@ -11,13 +11,16 @@ arguments Node's worker passes, so what Redis sees is what a Node worker would w
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
 import time
 import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -35,6 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import jsondecode
 from worker.autopipeline import AutoPipelinedScript
+from worker.joblog import JobLog
 from worker.keys import bull_key
 from worker.results import node_json, well_formed
 from worker.settings import Settings
@@ -52,6 +56,27 @@ SCRIPTS = {
     "moveStalledJobsToWait": "moveStalledJobsToWait-9.lua",
     "updateProgress": "updateProgress-3.lua",
 }
+
+# Node's `job.log(line)`: RPUSH to `<job key>:logs`, then LTRIM to the last `keepLogs` lines,
+# only while the job exists (a line for a removed job would leave its log behind for good).
+_PUSH_LOGS = """
+if {lines} and redis.call("EXISTS", {job}) == 1 then
+  local n = redis.call("RPUSH", {logs}, unpack(ARGV, {first}))
+  local keep = tonumber({keep})
+  if keep and keep > 0 and n > keep then redis.call("LTRIM", {logs}, -keep, -1) end
+end
+"""
+# Alone: KEYS job, logs; ARGV keepLogs, lines...
+PUSH_LOGS = (
+    _PUSH_LOGS.format(lines="ARGV[2]", job="KEYS[1]", logs="KEYS[2]", first=2, keep="ARGV[1]")
+    + "return 0"
+)
+# Ahead of moveToFinished, unchanged below it: its 14 KEYS and 9 ARGV, then KEYS[15] logs,
+# ARGV[10] keepLogs, ARGV[11...] lines. The attempt's lines then cost no command (and no reply)
+# of their own on the hot path; pushed first, so a job removed on completion takes them along.
+FINISH_WITH_LOGS_PRELUDE = "-- the attempt's job.log lines (ai-jobs worker)" + _PUSH_LOGS.format(
+    lines="ARGV[11]", job="KEYS[12]", logs="KEYS[15]", first=11, keep="ARGV[10]"
+)
 
 # Sockets for the worker's non-blocking commands (the blocking wait has its own). More made
 # the c=50 sleep benchmark slower: 50 slots ending together then hit Redis as one burst.
@@ -256,18 +281,106 @@ def backoff_delay_ms(opts: Mapping[str, Any], attempts_made: int) -> int:
 
 
 def stack_of(job: ActiveJob, exc: BaseException) -> str:
-    """The job's stacktrace list with this error appended, JSON, as Node keeps it."""
+    """The job's stacktrace list with this attempt's trace appended, JSON, as Node keeps it."""
     try:
         kept = jsondecode.loads(job.stacktrace)
     except ValueError:
         kept = []
-    stack = [*(kept if isinstance(kept, list) else []), "".join(traceback.format_exception(exc))]
+    stack = [*(kept if isinstance(kept, list) else []), trace_of(exc)]
     limit = job.opts.get("stackTraceLimit")
     if limit == 0:
         stack = []
     elif isinstance(limit, int) and limit > 0:
         stack = stack[-limit:]
     return json.dumps(stack, separators=(",", ":"))
+
+
+# One attempt's trace stays under this (Node's are ~300 bytes; a chained Python traceback
+# through httpx and openai was ~7 KB, x attempts x 500 kept failed jobs).
+TRACE_MAX_CHARS = 2000
+TRACE_CAUSES = 5
+_OUR_ROOT = str(Path(__file__).resolve().parent.parent) + os.sep
+_LIBRARY_MARKERS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
+
+
+def _ours(filename: str) -> bool:
+    return filename.startswith(_OUR_ROOT) and not any(m in filename for m in _LIBRARY_MARKERS)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def trace_of(exc: BaseException) -> str:
+    """One attempt's trace, read top-down as Node's `err.stack` is: the exception on the first
+    line, then the project's own frames (innermost first, `at function (path:line)`), a count
+    of the library frames left out, and one `Caused by:` line per chained exception."""
+    ours: list[str] = []
+    libraries: dict[str, None] = {}
+    left_out = 0
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if _ours(frame.filename):
+            ours.append(f"    at {frame.name} ({frame.filename[len(_OUR_ROOT) :]}:{frame.lineno})")
+        else:
+            left_out += 1
+            libraries[_library_of(frame.filename)] = None
+    tail = (
+        [f"    ... {left_out} library frame(s) left out: {', '.join(libraries)}"]
+        if left_out
+        else []
+    )
+    seen = {id(exc)}
+    cause = _cause_of(exc)
+    while cause is not None and id(cause) not in seen and len(seen) <= TRACE_CAUSES:
+        seen.add(id(cause))
+        tail.append(f"Caused by: {_one_line(cause)}{_where(cause)}")
+        cause = _cause_of(cause)
+    head = _one_line(exc, 500)
+    cut = 0
+    while ours and len("\n".join([head, *ours, *tail])) + 40 > TRACE_MAX_CHARS:
+        ours.pop()  # the outermost of ours first: the innermost say where it broke
+        cut += 1
+    if cut:
+        ours.append(f"    ... {cut} more frame(s) of ours")
+    return "\n".join([head, *ours, *tail])[:TRACE_MAX_CHARS]
+
+
+def _where(exc: BaseException) -> str:
+    """` (at function path:line)`: the innermost of our frames the exception went through."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if _ours(frame.filename):
+            return f" (at {frame.name} {frame.filename[len(_OUR_ROOT) :]}:{frame.lineno})"
+    return ""
+
+
+def _cause_of(exc: BaseException) -> BaseException | None:
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    return None if exc.__suppress_context__ else exc.__context__
+
+
+def _library_of(filename: str) -> str:
+    """`httpx` for …/site-packages/httpx/_client.py; `asyncio` for the standard library's."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            after = parts[parts.index(marker) + 1 :]
+            return after[0].removesuffix(".py") if after else "?"
+    if len(parts) >= 2 and parts[-2].startswith("python3"):
+        return parts[-1].removesuffix(".py")
+    return parts[-2] if len(parts) >= 2 else filename
+
+
+def client_name(prefix: str, queue: str, worker_name: str | None = None) -> str:
+    """The blocking connection's name, as Node's Worker names it: `<prefix>:<base64(queue)>`,
+    plus `:w:<name>` for a named worker. Node bullmq 5.x (`QueueBase.clientName`) and 6.x
+    (`RedisQueueBackend.clientName`) build it alike, and their `queue.getWorkers()` lists the
+    connections named exactly that or starting with `<that>:w:`."""
+    encoded = base64.b64encode(queue.encode()).decode()
+    return f"{prefix}:{encoded}" + (f":w:{worker_name}" if worker_name else "")
 
 
 def _pack(value: Any) -> bytes:
@@ -296,10 +409,10 @@ class QueueProtocol:
         self.key_prefix = self.keys[""]  # "bull:ai-jobs:"
         self.lock_duration_ms = settings.lock_duration_ms
         self.limiter = settings.limiter
+        # Node's `metrics.maxDataPoints`: the finishing script counts the job per minute.
+        self.max_metrics_size: int | str = settings.metrics_max_data_points or ""
         self.worker_name = worker_name
-        self.client_name = QueueKeys(settings.prefix).getQueueQualifiedName(settings.queue) + (
-            f":w:{worker_name}" if worker_name else ""
-        )
+        self.client_name = client_name(settings.prefix, settings.queue, worker_name)
         kwargs = _redis_kwargs(settings)
         pool = BlockingConnectionPool(
             max_connections=COMMAND_CONNECTIONS,
@@ -308,18 +421,23 @@ class QueueProtocol:
         )
         self.redis: Redis = Redis.from_pool(pool)
         # The blocking wait for jobs gets a connection of its own, with a socket timeout
-        # longer than any BZPOPMIN (settings.REDIS_SOCKET_TIMEOUT_S).
-        self.blocking: Redis = Redis(single_connection_client=True, **kwargs)
+        # longer than any BZPOPMIN (settings.REDIS_SOCKET_TIMEOUT_S). Named on every connect
+        # (redis-py sends CLIENT SETNAME), so a reconnected worker stays listed.
+        self.blocking: Redis = Redis(
+            single_connection_client=True, client_name=self.client_name, **kwargs
+        )
         self.scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(loadScript(file)) for name, file in SCRIPTS.items()
         }
+        self.push_logs = self.redis.register_script(PUSH_LOGS)
         # Every completion and failure of every slot runs this script: batch it when busy. One
         # lane less than the pool leaves a socket for lock renewal and the rest.
         self._fixed_finished_keys: dict[str, list[bytes]] = {}
         self._marker_b = self.keys["marker"].encode()
         self._prefix_b = self.key_prefix.encode()
+        finish = FINISH_WITH_LOGS_PRELUDE + loadScript(SCRIPTS["moveToFinished"])
         self.move_to_finished = AutoPipelinedScript(
-            self.scripts["moveToFinished"], max_in_flight=COMMAND_CONNECTIONS - 1
+            self.redis.register_script(finish), max_in_flight=COMMAND_CONNECTIONS - 1
         )
 
     def key(self, *parts: str) -> str:
@@ -338,9 +456,9 @@ class QueueProtocol:
     # -- connection ----------------------------------------------------------------------------
 
     async def connect(self) -> str:
-        """Name the blocking connection (what `queue.getWorkers()` lists), check both
+        """Open the blocking connection (named: what `queue.getWorkers()` lists), check both
         connections answer; returns the server version."""
-        await self.blocking.client_setname(self.client_name)
+        await self.blocking.ping()
         info = await self.redis.info("server")
         return str(info.get("redis_version", "?"))
 
@@ -394,8 +512,10 @@ class QueueProtocol:
         attempts_made: int,
         fetch_next: bool,
         fields: Mapping[str, Any] | None = None,
+        log: JobLog | None = None,
     ) -> list[Any]:
-        """ARGV of moveToFinished-14 (bullmq `Scripts.moveToFinishedArgs`)."""
+        """ARGV of moveToFinished-14 (bullmq `Scripts.moveToFinishedArgs`), then the job log's
+        keepLogs and lines when there are any (FINISH_WITH_LOGS_PRELUDE)."""
         remove = opts.get("removeOnComplete" if target == "completed" else "removeOnFail", False)
         attempts = opts.get("attempts", 1)
         packed = {
@@ -405,7 +525,7 @@ class QueueProtocol:
             "lockDuration": self.lock_duration_ms,
             "attempts": attempts,
             "attemptsMade": attempts_made,
-            "maxMetricsSize": "",
+            "maxMetricsSize": self.max_metrics_size,
             "fpof": opts.get("failParentOnFailure", False),
             "cpof": opts.get("continueParentOnFailure", False),
             "idof": opts.get("ignoreDependencyOnFailure", False),
@@ -418,41 +538,57 @@ class QueueProtocol:
                            b"1" if fetch_next else b"", self._prefix_b, _pack(packed)]  # fmt: skip
         if fields:
             args.append(_flat(fields))
+        if log is not None and (lines := log.take()):
+            if not fields:
+                args.append(b"")  # ARGV[9]: no fields to update
+            args += [log.keep, *lines]
         return args
 
     async def _finish(
         self, job_id: str, token: str, target: str, args: list[Any], fetch_next: bool
     ) -> NextJob:
-        reply = await self.move_to_finished(keys=self._finished_keys(target, job_id), args=args)
+        keys = self._finished_keys(target, job_id)
+        if len(args) > 9:  # the job log's lines follow: their key is KEYS[15]
+            keys.append(self.key(job_id, "logs").encode())
+        reply = await self.move_to_finished(keys=keys, args=args)
         if isinstance(reply, int) and reply < 0:
             raise JobLost(job_id, "moveToFinished", reply)
         return _next_job(reply, token) if fetch_next else NextJob(None)
 
-    async def complete(self, job: ActiveJob, result: Any, fetch_next: bool) -> NextJob:
+    async def complete(
+        self, job: ActiveJob, result: Any, fetch_next: bool, log: JobLog | None = None
+    ) -> NextJob:
         """Completed, with the return value written as Node's JSON.stringify writes it."""
         args = self.finished_args(
             job.id, job.token, "completed", node_json(result), job.opts, job.attempts_made,
-            fetch_next,
+            fetch_next, log=log,
         )  # fmt: skip
         return await self._finish(job.id, job.token, "completed", args, fetch_next)
 
     async def fail(
-        self, job: ActiveJob | UndecodableJob, reason: str, stack: str, fetch_next: bool
+        self,
+        job: ActiveJob | UndecodableJob,
+        reason: str,
+        stack: str,
+        fetch_next: bool,
+        log: JobLog | None = None,
     ) -> NextJob:
         """Failed for good (no attempts left, or not retryable)."""
         opts = job.opts if isinstance(job, ActiveJob) else {}
         reason = well_formed(reason)  # as ioredis writes a JS string: lone surrogates as U+FFFD
         fields = {"failedReason": reason, "stacktrace": stack}
         args = self.finished_args(
-            job.id, job.token, "failed", reason, opts, job.attempts_made, fetch_next, fields
+            job.id, job.token, "failed", reason, opts, job.attempts_made, fetch_next, fields, log
         )
         return await self._finish(job.id, job.token, "failed", args, fetch_next)
 
-    async def retry(self, job: ActiveJob, reason: str, stack: str, delay_ms: int) -> None:
+    async def retry(
+        self, job: ActiveJob, reason: str, stack: str, delay_ms: int, log: JobLog | None = None
+    ) -> None:
         """Back to wait (retryJob) or to delayed for the backoff (moveToDelayed), attempt used."""
         fields = {"failedReason": well_formed(reason), "stacktrace": stack}
         name, keys, args = self.retry_call(job, fields, delay_ms)
-        reply = await self.scripts[name](keys=keys, args=args)
+        reply = await self._after_logs(job.id, log, self.scripts[name], keys, args)
         if isinstance(reply, int) and reply < 0:
             raise JobLost(job.id, name, reply)
 
@@ -478,16 +614,31 @@ class QueueProtocol:
         return [k["active"], k["wait"], k["paused"], self.key(job_id), k["meta"], k["events"],
                 k["delayed"], k["prioritized"], k["pc"], k["marker"], k["stalled"]]  # fmt: skip
 
-    async def move_to_wait(self, job_id: str, token: str) -> int:
+    async def move_to_wait(self, job_id: str, token: str, log: JobLog | None = None) -> int:
         """moveJobFromActiveToWait: lock released, job first in line, attemptsMade kept.
         Returns the script's code (< 0: not ours any more)."""
         k = self.keys
         keys = [k["active"], k["wait"], k["stalled"], k["paused"], k["meta"], k["limiter"],
                 k["prioritized"], k["marker"], k["events"]]  # fmt: skip
-        reply = await self.scripts["moveJobFromActiveToWait"](
-            keys=keys, args=[job_id, token, self.key(job_id)]
-        )
+        script = self.scripts["moveJobFromActiveToWait"]
+        reply = await self._after_logs(job_id, log, script, keys, [job_id, token, self.key(job_id)])
         return int(reply)
+
+    async def _after_logs(
+        self, job_id: str, log: JobLog | None, script: AsyncScript, keys: list[Any], args: list[Any]
+    ) -> Any:
+        """`script`, preceded in the same write by the job log's pending lines, if any."""
+        lines = log.take() if log is not None else []
+        if log is None or not lines:
+            return await script(keys=keys, args=args)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            log_keys = [self.key(job_id), self.key(job_id, "logs")]
+            await self.push_logs(keys=log_keys, args=[log.keep, *lines], client=pipe)
+            await script(keys=keys, args=args, client=pipe)
+            _, reply = await pipe.execute(raise_on_error=False)  # a lost log line is no error
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     # -- locks and stalled jobs ------------------------------------------------------------------
 
@@ -521,9 +672,11 @@ class QueueProtocol:
 
     # -- what the job and the queue may ask ------------------------------------------------------
 
-    async def update_progress(self, job_id: str, progress: Any) -> None:
+    async def update_progress(self, job_id: str, progress: Any, log: JobLog | None = None) -> None:
+        """Node's `job.updateProgress`; the job log's pending lines go in the same write."""
         keys = [self.key(job_id), self.keys["events"], self.keys["meta"]]
-        reply = await self.scripts["updateProgress"](keys=keys, args=[job_id, node_json(progress)])
+        args = [job_id, node_json(progress)]
+        reply = await self._after_logs(job_id, log, self.scripts["updateProgress"], keys, args)
         if isinstance(reply, int) and reply < 0:
             raise JobLost(job_id, "updateProgress", reply)
 
@@ -540,6 +693,24 @@ class QueueProtocol:
             pipe.pttl(self.keys["limiter"])
             wait, prioritized, paused, limiter_ttl = await pipe.execute()
         return int(wait) + int(prioritized), bool(paused), max(int(limiter_ttl), 0)
+
+    async def snapshot(self) -> tuple[dict[str, int], bool, int]:
+        """For /metrics, in one round trip: job counts by state as `queue.getJobCounts()`
+        counts them, paused by an operator, limiter TTL in ms."""
+        k = self.keys
+        lists = ("active", "paused")
+        sets = ("completed", "delayed", "failed", "prioritized", "waiting-children")
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(k["wait"])
+            for name in lists:
+                pipe.llen(k[name])
+            for name in sets:
+                pipe.zcard(k[name])
+            pipe.hexists(k["meta"], "paused")
+            pipe.pttl(k["limiter"])
+            replies = await pipe.execute()
+        counts = dict(zip(("waiting", *lists, *sets), (int(n) for n in replies), strict=False))
+        return counts, bool(replies[-2]), max(int(replies[-1]), 0)
 
 
 class JobLost(RuntimeError):

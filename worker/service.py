@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from loguru import logger
@@ -17,8 +18,9 @@ from worker.contract import Contract
 from worker.dispatch import Dispatcher, state_key_for
 from worker.errors import ConfigError
 from worker.health import HealthServer, QueueProbe
-from worker.logs import flush_logs
+from worker.logs import Redactor, flush_logs, secrets_from_env
 from worker.loop import JobLoop, RedisUnavailable
+from worker.metrics import Metrics, QueueSnapshot
 from worker.protocol import QueueProtocol
 from worker.registry import Registry
 from worker.settings import Settings
@@ -28,11 +30,25 @@ LOOP_LAG_WARN_S = 1.0
 
 
 class Service:
-    def __init__(self, settings: Settings, registry: Registry, contract: Contract) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        contract: Contract,
+        redact: Callable[[str], str] | None = None,
+    ) -> None:
         self.settings = settings
+        # Masks secrets in job logs; by default the one `setup_logging` builds from the same env.
+        self.redact = redact or Redactor(secrets_from_env(os.environ, [settings.redis.password]))
         self.registry = registry
         self.contract = contract
         self.stats = Stats()
+        self.metrics = Metrics(
+            settings.queue,
+            lambda: self.stats.currently_processing,
+            settings.ai_prices,
+            draining=lambda: float(self.health is not None and self.health.draining),
+        )
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -104,8 +120,12 @@ class Service:
             state_key_for(s.prefix, s.queue),
             protocol.update_progress,
             s.job_timeout_s,
+            self.redact,
+            self.metrics.ai_usage,
         )
-        self.worker = JobLoop(s, protocol, dispatcher, self.stats, worker_id, s.instance_id)
+        self.worker = JobLoop(
+            s, protocol, dispatcher, self.stats, worker_id, s.instance_id, self.metrics
+        )
         return self.worker
 
     async def run_until_idle(self) -> None:
@@ -117,8 +137,9 @@ class Service:
         s = self.settings
         worker = self._build()
         health = HealthServer(
-            self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s
-        )
+            self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s,
+            metrics=self.metrics, snapshot=self._snapshot,
+        )  # fmt: skip
         self.health = health
 
         logger.info("=" * 60)
@@ -188,6 +209,11 @@ class Service:
         assert self.worker is not None
         waiting, paused, limited_ms = await self.worker.protocol.probe()
         return QueueProbe(waiting=waiting, paused=paused, rate_limited_ms=limited_ms)
+
+    async def _snapshot(self) -> QueueSnapshot:
+        assert self.worker is not None
+        counts, paused, limited_ms = await self.worker.protocol.snapshot()
+        return QueueSnapshot(counts, paused, limited_ms)
 
     def _own(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)

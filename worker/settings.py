@@ -80,6 +80,13 @@ class Settings:
     # Stable across restarts of the same replica: lets a restarted worker take back at once the
     # jobs its crashed predecessor held. RAILWAY_REPLICA_ID, else WORKER_NAME; None: off.
     instance_id: str | None = None
+    # BullMQ's per-minute completed/failed counts (Node's worker option `metrics:
+    # {maxDataPoints}`), read by queue.getMetrics(); one week of minutes by default, 0: off.
+    metrics_max_data_points: int = 10_080
+    # Lines kept in a job's BullMQ log when the job sets no `keepLogs`; 0: no job logs.
+    job_log_lines: int = 100
+    # USD per million tokens, input/output, by model ("*": any other), for /metrics' cost.
+    ai_prices: tuple[tuple[str, float, float], ...] = (("*", 0.60, 2.40),)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -125,6 +132,11 @@ class Settings:
             instance_id=reader.text("RAILWAY_REPLICA_ID", "")
             or reader.text("WORKER_NAME", "")
             or None,
+            metrics_max_data_points=reader.integer(
+                "WORKER_METRICS_MAX_DATA_POINTS", 10_080, low=0, high=1_000_000
+            ),
+            job_log_lines=reader.integer("WORKER_JOB_LOG_LINES", 100, low=0, high=100_000),
+            ai_prices=parse_ai_prices(reader.text("WORKER_AI_PRICES", "")),
         )
         reader.problems.raise_any()
         return settings
@@ -182,6 +194,29 @@ class _Recorder(Mapping[str, str]):
 
     def __len__(self) -> int:
         return 0
+
+
+DEFAULT_AI_PRICE = ("*", 0.60, 2.40)  # processors/shared/budget.py's prices (INTEROP §5)
+
+
+def parse_ai_prices(text: str) -> tuple[tuple[str, float, float], ...]:
+    """`model=input/output,...` in USD per million tokens; `*` prices every other model."""
+    prices: dict[str, tuple[float, float]] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        model, _, pair = item.partition("=")
+        try:
+            given, output = (float(v) for v in pair.split("/"))
+        except ValueError:
+            raise ConfigError(
+                "WORKER_AI_PRICES", f"expected model=input/output (USD per 1M tokens), got {item!r}"
+            ) from None
+        if not model.strip() or min(given, output) < 0 or given != given or output != output:
+            raise ConfigError("WORKER_AI_PRICES", f"bad entry {item!r}")
+        prices[model.strip()] = (given, output)
+    prices.setdefault(DEFAULT_AI_PRICE[0], DEFAULT_AI_PRICE[1:])
+    return tuple((model, given, output) for model, (given, output) in prices.items())
 
 
 def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from loguru import Logger
     from postgrest import AsyncPostgrestClient
 
+    from worker.joblog import JobLogger
+
 INPUT_USD_PER_MTOK = 0.60
 OUTPUT_USD_PER_MTOK = 2.40
 MONTHLY_BUDGET_USD = 5.00
@@ -118,7 +120,7 @@ class Budget:
     def enabled(self) -> bool:
         return self.client is not None
 
-    async def spent_usd(self, user_id: str, log: Logger = _default_logger) -> float:
+    async def spent_usd(self, user_id: str, log: JobLogger | Logger = _default_logger) -> float:
         """What the user's recorded tokens cost so far this month (0 for an unknown user)."""
         assert self.client is not None
         try:
@@ -147,7 +149,7 @@ class Budget:
         return cost_usd(int(row.get("input_tokens") or 0), int(row.get("output_tokens") or 0))
 
     async def check(
-        self, user_id: str, estimate: TokenEstimate, log: Logger = _default_logger
+        self, user_id: str, estimate: TokenEstimate, log: JobLogger | Logger = _default_logger
     ) -> None:
         """Raise OverBudget when spend so far + this estimate exceeds the monthly allowance."""
         if self.client is None:
@@ -170,7 +172,7 @@ class Budget:
         user_id: str,
         input_tokens: int,
         output_tokens: int,
-        log: Logger = _default_logger,
+        log: JobLogger | Logger = _default_logger,
     ) -> bool:
         """Call `increment_tokens(user_id, input_count, output_count)`; False on failure."""
         if self.client is None or (input_tokens <= 0 and output_tokens <= 0):

@@ -73,6 +73,7 @@ async function readJob(args) {
     processedOn: job.processedOn ?? null,
     timestamp: job.timestamp ?? null,
     stacktrace: job.stacktrace ?? null,
+    processedBy: job.processedBy ?? null,
   };
 }
 
@@ -209,7 +210,7 @@ const ops = {
 
   // A Node BullMQ worker on the queue, as the old worker ran (INTEROP §1: concurrency, the
   // queue-wide limiter), serving `ping` with the Python processor's result shape.
-  async startWorker({ queue, prefix = 'bull', concurrency = 20, limiter }) {
+  async startWorker({ queue, prefix = 'bull', concurrency = 20, limiter, name }) {
     const key = JSON.stringify([queue, prefix]);
     if (workers.has(key)) throw new Error(`a Node worker already runs on ${key}`);
     const connection = new Redis(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', {
@@ -228,7 +229,7 @@ const ops = {
         worker: { runtime: 'node' },
       };
     };
-    entry.worker = new Worker(queue, processor, { connection, prefix, concurrency, limiter });
+    entry.worker = new Worker(queue, processor, { connection, prefix, concurrency, limiter, name });
     entry.worker.on('completed', () => {
       entry.completed += 1;
     });
@@ -239,6 +240,25 @@ const ops = {
   },
 
   stopWorker,
+
+  // What Bull Board and Taskforce read: the workers listed from CLIENT LIST, a job's log
+  // lines, the per-minute metrics and BullMQ's own Prometheus text.
+  async getWorkers(args) {
+    const workers = await queueFor(args).getWorkers();
+    return workers.map(({ name, rawname }) => ({ name, rawname }));
+  },
+
+  async getJobLogs(args) {
+    return queueFor(args).getJobLogs(args.jobId, args.start ?? 0, args.end ?? -1, args.asc ?? true);
+  },
+
+  async getMetrics(args) {
+    return queueFor(args).getMetrics(args.type, args.start ?? 0, args.end ?? -1);
+  },
+
+  async exportPrometheusMetrics(args) {
+    return queueFor(args).exportPrometheusMetrics();
+  },
 
   async obliterate(args) {
     await queueFor(args).obliterate({ force: true });

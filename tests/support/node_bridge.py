@@ -156,15 +156,41 @@ class NodeBridge:
         concurrency: int = 20,
         limiter: dict[str, int] | None = None,
         prefix: str | None = None,
+        name: str | None = None,
     ) -> None:
         """A Node BullMQ worker on `queue` (serves `ping`), as the old Node worker ran."""
         await self.call(
-            "startWorker", queue=queue, concurrency=concurrency, limiter=limiter, prefix=prefix
+            "startWorker",
+            queue=queue,
+            concurrency=concurrency,
+            limiter=limiter,
+            prefix=prefix,
+            name=name,
         )
 
     async def stop_worker(self, queue: str, *, prefix: str | None = None) -> dict[str, Any]:
         """Close it; returns {completed, jobIds}: what the Node worker processed."""
         return await self.call("stopWorker", queue=queue, prefix=prefix)
+
+    async def get_workers(self, queue: str, *, prefix: str | None = None) -> list[dict[str, str]]:
+        """`queue.getWorkers()`: [{name (the queue), rawname (the connection's name)}]."""
+        return await self.call("getWorkers", queue=queue, prefix=prefix)
+
+    async def get_job_logs(
+        self, queue: str, job_id: str, *, prefix: str | None = None
+    ) -> dict[str, Any]:
+        """`queue.getJobLogs(id)`: {logs: [lines, oldest first], count}."""
+        return await self.call("getJobLogs", queue=queue, jobId=job_id, prefix=prefix)
+
+    async def get_metrics(
+        self, queue: str, kind: str, *, prefix: str | None = None
+    ) -> dict[str, Any]:
+        """`queue.getMetrics('completed'|'failed')`: {meta: {count, ...}, data, count}."""
+        return await self.call("getMetrics", queue=queue, type=kind, prefix=prefix)
+
+    async def export_prometheus_metrics(self, queue: str, *, prefix: str | None = None) -> str:
+        """`queue.exportPrometheusMetrics()`: BullMQ's own exposition text."""
+        return await self.call("exportPrometheusMetrics", queue=queue, prefix=prefix)
 
     async def obliterate(self, queue: str, *, prefix: str | None = None) -> None:
         """Remove the queue and all its jobs (force)."""

@@ -1,0 +1,203 @@
+"""/metrics: what Prometheus scrapes, written by `prometheus_client` from a registry of this
+service's own (not the library's global one, so one process can hold many services: tests).
+
+Per job, counted as it happens: jobs by queue, job type and outcome; attempt duration and
+queue wait (enqueue -> start) histograms by job type; AI tokens and their estimated cost by
+model and job type. Read at scrape time: BullMQ's job counts by state, the queue's paused and
+rate-limited state (one pipelined round trip to Redis), the in-flight jobs, and the standard
+`process_*` and `python_*` collectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+# The states `queue.getJobCounts()` reports (and BullMQ's own exportPrometheusMetrics).
+QUEUE_STATES = (
+    "active", "completed", "delayed", "failed", "paused", "prioritized", "waiting",
+    "waiting-children",
+)  # fmt: skip
+# Seconds: no-op jobs take milliseconds, OpenAI jobs 10-20 s, the job timeout is 600 s.
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+WAIT_BUCKETS = (0.01, 0.05, 0.25, 1, 5, 15, 30, 60, 120, 300, 900, 3600)
+OUTCOMES = ("completed", "failed", "retry", "requeued")
+# The classic text format, which every Prometheus (2.x too) and agent reads; prometheus_client
+# 0.26 labels its output 1.0.0, the same text for names that need no escaping (all of ours).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class QueueSnapshot:
+    """What the scrape read from Redis (`QueueProtocol.snapshot`)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    paused: bool = False
+    rate_limited_ms: int = 0
+
+
+class Metrics:
+    """The service's metrics; `render()` is the /metrics body."""
+
+    def __init__(
+        self,
+        queue: str,
+        in_flight: Callable[[], float],
+        prices: Iterable[tuple[str, float, float]] = (("*", 0.60, 2.40),),
+        draining: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.queue = queue
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.jobs = Counter(
+            "worker_jobs",
+            "Job attempts ended, by outcome: completed; failed (for good: not retryable or "
+            "no attempts left); retry (failed, will run again); requeued (back to waiting "
+            "without using an attempt: upstream 429 or shutdown)",
+            ["queue", "job_type", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "worker_job_duration_seconds",
+            "Time one attempt ran, from pick-up to its outcome being recorded",
+            ["queue", "job_type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.wait = Histogram(
+            "worker_job_wait_seconds",
+            "Time a job waited in the queue before its first attempt started (from its "
+            "timestamp, plus its delay)",
+            ["queue", "job_type"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "worker_ai_tokens",
+            "AI tokens billed, by model, job type and kind (input, output)",
+            ["queue", "model", "job_type", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "worker_ai_cost_usd",
+            "Estimated cost of the AI tokens billed, in USD (prices: WORKER_AI_PRICES)",
+            ["queue", "model", "job_type"],
+            registry=r,
+        )
+        in_flight_gauge = Gauge(
+            "worker_jobs_in_flight", "Jobs this process runs now", ["queue"], registry=r
+        )
+        in_flight_gauge.labels(queue).set_function(in_flight)
+        Gauge(
+            "worker_draining", "1 while shutting down (not taking jobs)", registry=r
+        ).set_function(draining)
+        self._prices = {model: (given, output) for model, given, output in prices}
+        self._per_type: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
+        self._queue_collector = _QueueCollector(queue)
+        r.register(self._queue_collector)
+
+    # -- per job (the hot path: a dict lookup, an increment and an observation) ------------------
+
+    def _children(self, job_type: str) -> tuple[Any, Any, dict[str, Any]]:
+        children = self._per_type.get(job_type)
+        if children is None:
+            outcomes = {o: self.jobs.labels(self.queue, job_type, o) for o in OUTCOMES}
+            children = (
+                self.duration.labels(self.queue, job_type),
+                self.wait.labels(self.queue, job_type),
+                outcomes,
+            )
+            self._per_type[job_type] = children
+        return children
+
+    def job_started(self, job_type: str, waited_s: float | None) -> None:
+        if waited_s is not None:
+            self._children(job_type)[1].observe(max(waited_s, 0.0))
+
+    def job_ended(self, job_type: str, outcome: str, duration_s: float) -> None:
+        duration, _, outcomes = self._children(job_type)
+        duration.observe(duration_s)
+        outcomes[outcome].inc()
+
+    def ai_usage(self, job_type: str, model: str, input_tokens: int, output_tokens: int) -> None:
+        """What a processor reports after each billed AI call (`ctx.ai_usage`)."""
+        given, output = self._prices.get(model) or self._prices["*"]
+        self.tokens.labels(self.queue, model, job_type, "input").inc(max(input_tokens, 0))
+        self.tokens.labels(self.queue, model, job_type, "output").inc(max(output_tokens, 0))
+        usd = (max(input_tokens, 0) * given + max(output_tokens, 0) * output) / 1_000_000
+        self.cost.labels(self.queue, model, job_type).inc(usd)
+
+    # -- the scrape ------------------------------------------------------------------------------
+
+    async def render(
+        self, snapshot: Callable[[], Awaitable[QueueSnapshot]], timeout_s: float = 2.0
+    ) -> bytes:
+        """The exposition text; the queue's gauges read now (absent when Redis does not answer
+        within `timeout_s`, with `worker_redis_up 0`)."""
+        try:
+            self._queue_collector.snapshot = await asyncio.wait_for(snapshot(), timeout_s)
+        except Exception:  # a scrape must still show the process
+            self._queue_collector.snapshot = None
+        return generate_latest(self.registry)
+
+
+class _QueueCollector:
+    """BullMQ's job counts by state and the queue's limiter state, from the last snapshot."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.snapshot: QueueSnapshot | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # read at scrape time only: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "worker_redis_up", "1 when this scrape read the queue from Redis", labels=["queue"]
+        )
+        snap = self.snapshot
+        up.add_metric([self.queue], 0 if snap is None else 1)
+        yield up
+        if snap is None:
+            return
+        # BullMQ's exportPrometheusMetrics calls these bullmq_job_count, a name promtool
+        # refuses (`_count` is a histogram's suffix): same figures, a name that passes.
+        counts = GaugeMetricFamily(
+            "worker_queue_jobs",
+            "Jobs in the queue by BullMQ state, as queue.getJobCounts() counts them",
+            labels=["queue", "state"],
+        )
+        for state in QUEUE_STATES:
+            counts.add_metric([self.queue, state], snap.counts.get(state, 0))
+        yield counts
+        paused = GaugeMetricFamily(
+            "worker_queue_paused",
+            "1 while the queue is paused (queue.pause(): no worker takes jobs)",
+            labels=["queue"],
+        )
+        paused.add_metric([self.queue], int(snap.paused))
+        yield paused
+        limited = GaugeMetricFamily(
+            "worker_queue_rate_limited_seconds",
+            "How long the queue-wide rate limit still holds every worker back (0: not limited)",
+            labels=["queue"],
+        )
+        limited.add_metric([self.queue], snap.rate_limited_ms / 1000)
+        yield limited
