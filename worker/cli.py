@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from loguru import logger
 
+from worker.capacity import WINDOWS_MIN, MinuteCounts, capacity_report, parse_minutes
 from worker.contract import Contract
 from worker.errors import ConfigError, JobError, UnknownJobType
 from worker.health import iso_now
@@ -97,7 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats_parser.add_argument(
         "--all",
         action="store_true",
-        help="then a second line: every state's count, and the backlog (waiting + prioritized)",
+        help="then a line: every state's count, and the backlog (waiting + prioritized)",
+    )
+    stats_parser.add_argument(
+        "--capacity",
+        action="store_true",
+        help="then a line: jobs finished per minute (last 5 and 60 min, BullMQ's metrics), the"
+        " backlog, minutes to drain it, and workers needed to drain it within --drain-within",
+    )
+    stats_parser.add_argument(
+        "--drain-within",
+        default="10m",
+        type=_duration,
+        help="target for --capacity: 10m, 90s, 1h (default 10m)",
     )
     return parser
 
@@ -121,7 +134,8 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
     if command == "enqueue":
         return _with_redis(enqueue(settings, args, timeout_s))
     if command == "stats":
-        return _with_redis(stats(settings, timeout_s, args.all))
+        capacity = args.drain_within if args.capacity else None
+        return _with_redis(stats(settings, timeout_s, args.all, capacity))
     raise AssertionError(command)
 
 
@@ -351,14 +365,36 @@ async def _wait_for(queue: _Queue, job_id: str, timeout_s: float) -> int:
     return 1
 
 
-async def stats(settings: Settings, timeout_s: float, every_state: bool = False) -> int:
+async def stats(
+    settings: Settings,
+    timeout_s: float,
+    every_state: bool = False,
+    drain_within_min: float | None = None,
+) -> int:
     async with _Queue(settings, timeout_s) as queue:
         counts = await queue.step(queue.client.counts(*STATS_STATES))
         print(node_json(web_stats(settings.queue, counts)))
+        backlog = counts["waiting"] + counts["prioritized"]
         if every_state:  # what the web service's answer hides: BullMQ 5 keeps priority jobs apart
-            backlog = counts["waiting"] + counts["prioritized"]
             print(node_json({"counts": {s: counts[s] for s in STATS_STATES}, "backlog": backlog}))
+        if drain_within_min is not None:
+            points = max(WINDOWS_MIN)
+            done = await queue.step(queue.client.minute_counts("completed", points))
+            failed = await queue.step(queue.client.minute_counts("failed", points))
+            workers = await queue.step(queue.client.worker_count())
+            report = capacity_report(
+                MinuteCounts.from_redis(*done), MinuteCounts.from_redis(*failed), backlog,
+                workers, drain_within_min,
+            )  # fmt: skip
+            print(node_json({"capacity": report}))
         return 0
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_minutes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def web_stats(queue: str, counts: Mapping[str, int]) -> dict[str, Any]:

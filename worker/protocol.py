@@ -734,6 +734,7 @@ class QueueClient:
         # bullmq reports the eviction policy as a raw `warnings` dump on a job's first state
         # read; the CLI says it once, as a log line, from its own INFO (worker/redis_probe.py).
         warnings.filterwarnings("ignore", "IMPORTANT! Eviction policy", UserWarning, "bullmq")
+        self._prefix, self._name = settings.prefix, settings.queue
         self._queue = Queue(
             settings.queue,
             {
@@ -768,6 +769,26 @@ class QueueClient:
 
     async def counts(self, *states: str) -> dict[str, int]:
         return dict(await self._queue.getJobCounts(*states))
+
+    async def minute_counts(self, outcome: str, points: int) -> tuple[list[Any], list[Any]]:
+        """BullMQ's per-minute metrics of `completed` or `failed`: the hash's (count, prevTS,
+        prevCount) and the newest `points` closed minutes."""
+        key = bull_key(self._prefix, self._name, "metrics", outcome)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(key, "count", "prevTS", "prevCount")
+            pipe.lrange(f"{key}:data", 0, points - 1)
+            meta, data = await pipe.execute()
+        return list(meta), list(data)
+
+    async def worker_count(self) -> int:
+        """Workers consuming the queue, Node or Python, as `queue.getWorkers()` counts them."""
+        base = client_name(self._prefix, self._name)
+        clients = await self.redis.client_list()
+        return sum(
+            1
+            for c in clients
+            if c.get("name") == base or c.get("name", "").startswith(f"{base}:w:")
+        )
 
     async def close(self) -> None:
         await self._queue.close()
