@@ -159,8 +159,10 @@ def test_a_value_the_c_packer_refuses_is_packed_by_redis_py() -> None:
 
     conn = aioredis.Redis(encoding_errors="surrogateescape").connection_pool.make_connection()
     undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")  # as read from a job hash
-    packed = _pack(conn, ("EVALSHA", "a" * 40, 0, undecodable))
-    assert isinstance(packed, list)  # redis-py's chunks: hiredis refused it
-    wire = b"".join(packed)
+    import hiredis
+
+    with pytest.raises(UnicodeEncodeError):  # the C packer refuses it...
+        hiredis.pack_command(("EVALSHA", "a" * 40, 0, undecodable))
+    wire = _pack(conn, ("EVALSHA", "a" * 40, 0, undecodable))  # ...so redis-py packs it
     assert wire == b"".join(conn.pack_command("EVALSHA", "a" * 40, 0, undecodable))
     assert b"caf\xe9" in wire
