@@ -198,6 +198,8 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
     ok = ok and status != "FAIL"
     line(status, text)
     line("ok", f"redis: {s.redis.redacted_url} (from {s.redis.source})")
+    if s.redis.tls:
+        line("warn" if s.redis.tls_insecure else "ok", f"redis connection: {s.redis.tls_mode}")
     try:
         info = await probe(s.redis, timeout_s)
         line("ok", f"redis answers: version {info.get('redis_version')}")

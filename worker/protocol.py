@@ -111,11 +111,13 @@ def command_socket_options() -> dict[str, Any]:
     return {"socket_timeout": None, "socket_keepalive": True, "socket_keepalive_options": options}
 
 
-def _redis_kwargs(settings: Settings) -> dict[str, Any]:
+def _redis_kwargs(settings: Settings, pool: bool = False) -> dict[str, Any]:
     """bullmq's connection policy (retry with backoff on connection errors), and invalid UTF-8
-    kept as surrogates instead of an exception that would lose the whole reply."""
+    kept as surrogates instead of an exception that would lose the whole reply. `pool`: for a
+    connection pool, whose connection class carries TLS (settings.RedisSettings.pool_kwargs)."""
+    redis = settings.redis
     return {
-        **settings.redis.connection_kwargs(),
+        **(redis.pool_kwargs() if pool else redis.connection_kwargs()),
         "decode_responses": True,
         "encoding_errors": "surrogateescape",
         "retry": Retry(ExponentialBackoff(cap=20, base=1), 20),
@@ -414,10 +416,11 @@ class QueueProtocol:
         self.worker_name = worker_name
         self.client_name = client_name(settings.prefix, settings.queue, worker_name)
         kwargs = _redis_kwargs(settings)
+        # Its connection class is the lanes' too (autopipeline: `pool.make_connection()`).
         pool = BlockingConnectionPool(
             max_connections=COMMAND_CONNECTIONS,
             timeout=None,  # wait for a free socket; never fail a command for lack of one
-            **{**kwargs, **command_socket_options()},
+            **{**_redis_kwargs(settings, pool=True), **command_socket_options()},
         )
         self.redis: Redis = Redis.from_pool(pool)
         # The blocking wait for jobs gets a connection of its own, with a socket timeout

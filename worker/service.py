@@ -154,6 +154,13 @@ class Service:
             s.prefix,
             f"{s.limiter_max} jobs per {s.limiter_duration_ms} ms" if s.limiter else "off",
         )
+        if s.redis.tls_insecure:
+            logger.warning(
+                "Redis TLS certificate NOT verified (REDIS_TLS_INSECURE=true): anyone on the "
+                "path can read and change the jobs; for self-signed test setups only"
+            )
+        elif s.redis.tls:
+            logger.info("Redis connection: {}", s.redis.tls_mode)
         logger.info("Job types: {}", ", ".join(self.registry.names()))
         for spec in self.registry:
             for note in spec.notes:
