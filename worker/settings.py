@@ -100,6 +100,8 @@ class Settings:
     shutdown_grace_s: float = 25.0
     startup_timeout_s: float = 30.0
     ready_stall_s: float = 120.0
+    # Continuous Redis failure of one path (fetch, finish, a chore) this long: exit 1.
+    redis_give_up_s: float = 300.0
     log_format: str = "text"
     log_level: str = "INFO"
     environment: str = "development"
@@ -153,6 +155,7 @@ class Settings:
             shutdown_grace_s=reader.number("WORKER_SHUTDOWN_GRACE_S", 25.0, low=0.0),
             startup_timeout_s=reader.number("WORKER_STARTUP_TIMEOUT_S", 30.0, low=1.0),
             ready_stall_s=reader.number("WORKER_READY_STALL_S", 120.0, low=1.0),
+            redis_give_up_s=reader.number("WORKER_REDIS_GIVE_UP_S", 300.0, low=1.0),
             log_format=log_format,
             log_level=log_level,
             environment=reader.text("NODE_ENV", "development") or "development",
