@@ -1,4 +1,5 @@
-"""Redis that keeps failing (issue 17, item 3): back off, say it once, exit non-zero in the end."""
+"""Redis that keeps failing (issue 17, items 2 and 3): back off, say it once, exit non-zero in
+the end; a read-only primary after a failover, and the worker reconnecting by itself."""
 
 from __future__ import annotations
 
@@ -117,3 +118,63 @@ async def test_a_read_only_redis_backs_off_fails_ready_and_exits_1() -> None:
     # 8 slots, ~4 s: a line per error would be dozens (29 a second were measured before).
     noise = [line for line in proc.lines if "Redis error in" in line or "still failing" in line]
     assert 1 <= len(noise) <= 6, "\n".join(noise)
+
+
+async def test_after_a_failover_the_worker_reconnects_and_resumes_by_itself(
+    queue_name: str,
+) -> None:
+    """The worker reaches Redis by one address (a proxy, as a DNS name or a virtual IP). At the
+    failover the replica is promoted, the old primary demoted (it refuses writes) and the
+    address moved to the new primary: only connections made again reach it."""
+    from tests.support.harness import eventually, running_service, settings_for
+    from tests.support.node_bridge import NodeBridge
+    from tests.support.tcp_proxy import SwitchableProxy
+
+    with private_redis() as url_a:
+        port_a = int(url_a.rsplit(":", 1)[1])
+        with private_redis(args=("--replicaof", "127.0.0.1", str(port_a))) as url_b:
+            port_b = int(url_b.rsplit(":", 1)[1])
+            a, b = redis.Redis.from_url(url_a), redis.Redis.from_url(url_b)
+            proxy = await SwitchableProxy(port_a).start()
+            address = f"redis://127.0.0.1:{proxy.port}"
+            try:
+                settings = settings_for(address, queue_name, WORKER_CONCURRENCY=4)
+                async with running_service(settings) as service:
+                    assert service.health is not None
+                    port = service.health.port
+                    async with await NodeBridge.start("6", url_a) as node:
+                        first = await node.add(queue_name, "ping", {"echo": 1})
+                        job = await node.wait_finished(queue_name, first["id"])
+                        assert job["state"] == "completed"
+
+                    b.replicaof("NO", "ONE")  # the failover: B is the primary,
+                    a.replicaof("127.0.0.1", str(port_b))  # A its read-only replica,
+                    _, body = await eventually(lambda: _ready_if(port, 503), timeout=15)
+                    assert body["reason"].startswith("redis: fetch failing"), body
+                    proxy.switch(port_b)  # and the address now leads to B
+
+                    await eventually(lambda: _ready_if(port, 200), timeout=30)
+                    async with await NodeBridge.start("6", url_b) as node:
+                        second = await node.add(queue_name, "ping", {"echo": 2})
+                        job = await node.wait_finished(queue_name, second["id"], 20_000)
+                    assert job["state"] == "completed" and job["returnvalue"]["echo"] == 2
+            finally:
+                await proxy.aclose()
+                a.close()
+                b.close()
+
+
+async def _ready_if(port: int, status: int) -> tuple[int, dict[str, Any]] | None:
+    answer = await ready(port)
+    return answer if answer[0] == status else None
+
+
+def test_what_counts_as_a_failover() -> None:
+    from worker.protocol import is_failover
+
+    assert is_failover(redis.ReadOnlyError("You can't write against a read only replica."))
+    assert is_failover(redis.BusyLoadingError("Redis is loading the dataset in memory"))
+    assert is_failover(redis.ResponseError("MASTERDOWN Link with MASTER is down"))
+    assert is_failover(redis.ResponseError("UNBLOCKED force unblock from blocking operation"))
+    assert not is_failover(redis.ResponseError("ERR unknown command"))
+    assert not is_failover(redis.ConnectionError("refused"))  # redis-py reconnects by itself

@@ -35,6 +35,7 @@ from worker.protocol import (
     QueueProtocol,
     UndecodableJob,
     backoff_delay_ms,
+    is_failover,
     now_ms,
     stack_of,
 )
@@ -249,8 +250,16 @@ class JobLoop:
                 self.backoff.succeeded("finish")
 
     async def _redis_failed(self, path: str, exc: Exception) -> float:
-        """Note the failure (worker/backoff.py); returns the pause before `path` tries again."""
-        return self.backoff.failed(path, exc)
+        """Note the failure (worker/backoff.py); returns the pause before `path` tries again.
+        A server that is no longer the primary: every connection is made again."""
+        pause_s = self.backoff.failed(path, exc)
+        if is_failover(exc):
+            try:
+                if await self.protocol.reset_connections():
+                    logger.debug("Redis is not a writable primary: every connection made again")
+            except (RedisError, OSError) as closing:
+                logger.debug("closing connections for a reconnect: {}", closing)
+        return pause_s
 
     def _new_token(self) -> str:
         self._tokens += 1

@@ -32,7 +32,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -84,6 +84,19 @@ COMMAND_CONNECTIONS = 4
 # Sent data unacknowledged this long: the command connection is dead (TCP_USER_TIMEOUT).
 COMMAND_SOCKET_DEAD_S = 30
 MAX_SAFE_INTEGER = 2**53 - 1
+# Replies (besides READONLY and LOADING, which redis-py gives classes of their own) of a server
+# that is no longer, or not yet, the writable primary: after a failover the address may lead
+# elsewhere once connections are made again (`reset_connections`).
+FAILOVER_REPLIES = ("MASTERDOWN", "UNBLOCKED")
+# At most one reset of every connection this often, however many slots meet the error.
+RESET_EVERY_S = 1.0
+
+
+def is_failover(exc: BaseException) -> bool:
+    """A ReadOnlyError, LOADING, MASTERDOWN, or a blocked call cut by a role change."""
+    if isinstance(exc, ReadOnlyError | BusyLoadingError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(FAILOVER_REPLIES)
 
 
 def command_socket_options() -> dict[str, Any]:
@@ -442,6 +455,7 @@ class QueueProtocol:
         self.move_to_finished = AutoPipelinedScript(
             self.redis.register_script(finish), max_in_flight=COMMAND_CONNECTIONS - 1
         )
+        self._reset_at = 0.0
 
     def key(self, *parts: str) -> str:
         return bull_key(self.prefix, self.queue, *parts)
@@ -464,6 +478,21 @@ class QueueProtocol:
         await self.blocking.ping()
         info = await self.redis.info("server")
         return str(info.get("redis_version", "?"))
+
+    async def reset_connections(self) -> bool:
+        """Close every connection (pool, lanes, blocking); each is made again on its next use.
+        After a failover the same address may now lead to the new primary (a DNS name or a
+        proxy in front of it), which connections made before still cannot reach. At most once
+        per RESET_EVERY_S; returns whether it reset."""
+        now = time.monotonic()
+        if now - self._reset_at < RESET_EVERY_S:
+            return False
+        self._reset_at = now
+        await self.move_to_finished.drop_idle()
+        await self.redis.connection_pool.disconnect()
+        if self.blocking.connection is not None:
+            await self.blocking.connection.disconnect()
+        return True
 
     async def close(self) -> None:
         await self.move_to_finished.aclose()
