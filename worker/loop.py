@@ -39,7 +39,7 @@ from worker.protocol import (
     now_ms,
     stack_of,
 )
-from worker.redis_probe import RedisUnreachable, wait_until_reachable
+from worker.redis_probe import RedisUnreachable, server_identity, wait_until_reachable
 from worker.results import node_json
 from worker.settings import Settings
 from worker.stats import Stats
@@ -121,9 +121,10 @@ class JobLoop:
         """
         deadline = time.monotonic() + connect_timeout_s
         try:
-            await wait_until_reachable(self.settings.redis, connect_timeout_s)
+            info = await wait_until_reachable(self.settings.redis, connect_timeout_s)
         except RedisUnreachable as exc:
             raise RedisUnavailable(f"Redis not usable at start-up: {exc}") from exc
+        logger.info("Redis server: {}", server_identity(info))
         try:
             await asyncio.wait_for(self._connect(), timeout=max(deadline - time.monotonic(), 1))
         except (TimeoutError, OSError, RedisError) as exc:

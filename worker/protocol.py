@@ -214,8 +214,18 @@ def _int_field(raw: Mapping[str, str], *names: str) -> int:
     return 0
 
 
+# moveToActive writes processedOn and ats into the job's hash even when the hash is gone, so a
+# hash without name and data is a job whose data vanished (before: "Unknown job type: None").
+MISSING_DATA = (
+    "Job data is missing: its hash was gone from Redis when the worker took it (evicted under "
+    "a maxmemory-policy other than noeviction, or deleted)"
+)
+
+
 def decode_job(raw: Mapping[str, str], job_id: str, token: str) -> ActiveJob | UndecodableJob:
     """The job hash as Node's `Job.fromJSON` reads the fields a worker needs."""
+    if "name" not in raw and "data" not in raw:
+        return UndecodableJob(job_id, token, MISSING_DATA)
     try:
         attempts_made = _int_field(raw, "atm", "attemptsMade")
     except ValueError:

@@ -109,10 +109,28 @@ async def wait_until_reachable(redis: RedisSettings, timeout_s: float) -> dict[s
 
 
 def eviction_problem(info: dict[str, Any]) -> str | None:
+    """One line on a policy that lets Redis delete job keys, or None."""
     policy = info.get("maxmemory_policy")
     if policy in (None, "noeviction"):
         return None
-    return f"Redis maxmemory-policy is {policy}; BullMQ needs noeviction or jobs can vanish"
+    return (
+        f"Redis maxmemory-policy is {policy}: when Redis fills up it deletes keys, and jobs "
+        f"vanish or fail with their data missing; BullMQ needs noeviction. Fix: redis-cli "
+        f"CONFIG SET maxmemory-policy noeviction (and maxmemory-policy noeviction in redis.conf, "
+        f"or the provider's setting, to keep it after a restart)"
+    )
+
+
+def server_identity(info: dict[str, Any]) -> str:
+    """The server and version as it reports itself: Valkey and Redict also report a
+    `redis_version` (7.2.4, for clients that test it), which is not theirs."""
+    name = str(info.get("server_name") or "")
+    for key, label in (("valkey_version", "Valkey"), ("redict_version", "Redict")):
+        if key in info:
+            return f"{label} {info[key]}"
+    if name and name.lower() != "redis" and f"{name}_version" in info:
+        return f"{name.capitalize()} {info[f'{name}_version']}"
+    return f"Redis {info.get('redis_version', '?')}"
 
 
 def describe(exc: BaseException, redis: RedisSettings, timeout_s: float) -> tuple[str, str]:
