@@ -156,6 +156,10 @@ class AutoPipelinedScript:
         closed by its owner)."""
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)
+        await self.drop_idle()
+
+    async def drop_idle(self) -> None:
+        """Close the lanes not in use: the next batch connects afresh (after a failover)."""
         idle, self._idle = self._idle, []
         for conn in idle:
             await _drop(conn)

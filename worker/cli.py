@@ -26,6 +26,7 @@ from worker.redis_probe import (
     describe,
     eviction_problem,
     probe,
+    server_identity,
     server_info,
 )
 from worker.results import node_json
@@ -212,11 +213,14 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
     ok = ok and status != "FAIL"
     line(status, text)
     line("ok", f"redis: {s.redis.redacted_url} (from {s.redis.source})")
+    if s.redis.tls:
+        line("warn" if s.redis.tls_insecure else "ok", f"redis connection: {s.redis.tls_mode}")
     try:
         info = await probe(s.redis, timeout_s)
-        line("ok", f"redis answers: version {info.get('redis_version')}")
+        line("ok", f"redis answers: {server_identity(info)}")
         if problem := eviction_problem(info):
-            line("warn", problem)
+            line("FAIL", problem)
+            ok = False
     except RedisUnreachable as exc:
         line("FAIL", f"redis unreachable: {exc}")
         ok = False

@@ -31,6 +31,9 @@ class QueueProbe:
     waiting: int
     paused: bool
     rate_limited_ms: int = 0  # PTTL of the queue's limiter key: > 0 while a 429 pause lasts
+    # What the worker's own Redis calls meet now (worker/backoff.py): reads may answer while
+    # writes fail (a read-only replica after a failover).
+    redis_problem: str | None = None
 
 
 def iso_now() -> str:
@@ -149,6 +152,8 @@ class HealthServer:
             probe = await asyncio.wait_for(self.probe(), timeout=REDIS_PING_TIMEOUT_S)
         except Exception as exc:
             return False, f"redis unreachable: {type(exc).__name__}"
+        if probe.redis_problem:
+            return False, f"redis: {probe.redis_problem}"
         if probe.paused:
             return True, "queue paused by an operator"
         if probe.rate_limited_ms > 1000:

@@ -22,6 +22,7 @@ from typing import Any
 from loguru import logger
 from redis.exceptions import RedisError
 
+from worker.backoff import RedisBackoff
 from worker.dispatch import Dispatcher
 from worker.errors import PermanentJobError, RateLimited
 from worker.joblog import JobLog
@@ -34,10 +35,11 @@ from worker.protocol import (
     QueueProtocol,
     UndecodableJob,
     backoff_delay_ms,
+    is_failover,
     now_ms,
     stack_of,
 )
-from worker.redis_probe import RedisUnreachable, wait_until_reachable
+from worker.redis_probe import RedisUnreachable, server_identity, wait_until_reachable
 from worker.results import node_json
 from worker.settings import Settings
 from worker.stats import Stats
@@ -46,8 +48,6 @@ from worker.stats import Stats
 DRAIN_DELAY_S = 5.0
 # After the grace period, what is left of shutdown (hand jobs back, close) gets this long.
 STOP_HARD_S = 5.0
-# Pause after a Redis error in the fetch path, so an outage is not a busy loop.
-FETCH_RETRY_S = 1.0
 # Bounds for an upstream Retry-After: never hammer, never park the queue for ages.
 MIN_RATE_LIMIT_S = 1.0
 MAX_RATE_LIMIT_S = 300.0
@@ -103,6 +103,9 @@ class JobLoop:
         self._poisoned: list[UndecodableJob] = []  # activated, undecodable: to fail at once
         self._stop_task: asyncio.Task[list[str]] | None = None
         self.deadline_hit = False  # stop() had to interrupt running jobs
+        # Repeated Redis errors pause the path that met them; `backoff.gave_up` says when the
+        # process should exit for the platform to restart it (Service._watch_slots).
+        self.backoff = RedisBackoff(settings.redis_give_up_s)
         who = settings.worker_name or dispatcher.identity.get("host", "?")
         self._started_by = f" started (worker {who}, pid {dispatcher.identity.get('pid', '?')})"
 
@@ -118,9 +121,10 @@ class JobLoop:
         """
         deadline = time.monotonic() + connect_timeout_s
         try:
-            await wait_until_reachable(self.settings.redis, connect_timeout_s)
+            info = await wait_until_reachable(self.settings.redis, connect_timeout_s)
         except RedisUnreachable as exc:
             raise RedisUnavailable(f"Redis not usable at start-up: {exc}") from exc
+        logger.info("Redis server: {}", server_identity(info))
         try:
             await asyncio.wait_for(self._connect(), timeout=max(deadline - time.monotonic(), 1))
         except (TimeoutError, OSError, RedisError) as exc:
@@ -131,7 +135,7 @@ class JobLoop:
         self._own(self._every(self.settings.lock_duration_ms / 2000, self._renew_locks))
         self._own(self._every(self.settings.stalled_interval_ms / 1000, self._check_stalled))
         if self.identity:
-            self._own(self._heartbeat_and_reclaim())
+            self._own(self._keep_heartbeat())
         for _ in range(self.settings.concurrency):
             self._spawn_slot()
 
@@ -145,6 +149,8 @@ class JobLoop:
         await self.start(connect_timeout_s)
         await asyncio.gather(*self._slots)
         await self.stop(0)
+        if self.backoff.gave_up:
+            raise RedisUnavailable(self.backoff.gave_up)
 
     @property
     def running(self) -> bool:
@@ -219,27 +225,42 @@ class JobLoop:
 
     async def _slot(self) -> None:
         job: ActiveJob | None = None
-        while True:
+        while self.backoff.gave_up is None:  # then the service stops, exit code 1
             if job is None:
                 if self._stopping:
                     return
                 try:
                     job = await self.next_job(self._new_token())
-                except Exception as exc:  # Redis unreachable, or a script error: retry soon
-                    logger.error("Worker error while fetching jobs: {}", _reason(exc))
-                    await self._sleep(FETCH_RETRY_S)
+                except Exception as exc:  # Redis unreachable or refusing, or a script error
+                    await self._sleep(await self._redis_failed("fetch", exc))
                     continue
                 if job is None:
                     if self._stopping or self._burst:
                         return
                     continue
+            job_id = job.id
             try:
                 job = await self._work(job)
             except Exception as exc:  # a slot never dies of one job
                 # The outcome could not be recorded (Redis unreachable, or the lock was lost):
                 # the job stays active until the stalled check returns it (counted as a retry).
-                logger.error("Worker error while finishing a job: {}", _reason(exc))
+                logger.warning("Outcome of job {} not recorded: {}", job_id, _reason(exc))
                 job = None
+                await self._sleep(await self._redis_failed("finish", exc))
+            else:
+                self.backoff.succeeded("finish")
+
+    async def _redis_failed(self, path: str, exc: Exception) -> float:
+        """Note the failure (worker/backoff.py); returns the pause before `path` tries again.
+        A server that is no longer the primary: every connection is made again."""
+        pause_s = self.backoff.failed(path, exc)
+        if is_failover(exc):
+            try:
+                if await self.protocol.reset_connections():
+                    logger.debug("Redis is not a writable primary: every connection made again")
+            except (RedisError, OSError) as closing:
+                logger.debug("closing connections for a reconnect: {}", closing)
+        return pause_s
 
     def _new_token(self) -> str:
         self._tokens += 1
@@ -263,6 +284,7 @@ class JobLoop:
                         await self._wait_for_marker()
                 continue
             job = self._take(await self.protocol.move_to_active(token))
+            self.backoff.succeeded("fetch")
             await self._fail_poisoned()
             if job is not None:
                 return await self._unless_stopping(job)
@@ -286,6 +308,7 @@ class JobLoop:
             raise
         finally:
             self._marker_wait = None
+        self.backoff.succeeded("fetch")
         if score and score > now_ms():
             self._block_until_ms = score  # only a delayed job, later: wait again until then
         else:
@@ -517,13 +540,19 @@ class JobLoop:
 
     async def _every(self, interval_s: float, chore: Any) -> None:
         """Run `chore` every `interval_s` until stop() cancels it, after the slots ended: locks
-        must be renewed while running jobs drain."""
+        must be renewed while running jobs drain. After a failure, sooner (the backoff's pause,
+        at most `interval_s`): a lock about to lapse is renewed as soon as Redis answers."""
+        name = chore.__name__.strip("_").replace("_", " ")
+        pause_s = interval_s
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(pause_s)
             try:
                 await chore()
             except (RedisError, OSError) as exc:
-                logger.warning("{} failed: {}", chore.__name__.strip("_"), _reason(exc))
+                pause_s = min(interval_s, await self._redis_failed(name, exc))
+            else:
+                pause_s = interval_s
+                self.backoff.succeeded(name)
 
     async def _renew_locks(self) -> None:
         jobs = [(job.id, job.token) for job in self._active.values()]
@@ -540,6 +569,14 @@ class JobLoop:
             s.max_stalled_count, s.stalled_interval_ms
         ):
             logger.warning("Job stalled and was moved back: {}", job_id)
+
+    async def _keep_heartbeat(self) -> None:
+        """The heartbeat, started again after a Redis error (it ended for good before)."""
+        while True:
+            try:
+                await self._heartbeat_and_reclaim()
+            except (RedisError, OSError) as exc:
+                await asyncio.sleep(await self._redis_failed("heartbeat", exc))
 
     async def _heartbeat_and_reclaim(self) -> None:
         """Say this run is alive; take back what a crashed previous run of this identity held.
@@ -571,6 +608,7 @@ class JobLoop:
                 pending.clear()  # still beating: a live process shares this identity
             await asyncio.sleep(HEARTBEAT_S if not pending else 0.25)
             await redis.set(alive_key, self.identity, px=HEARTBEAT_TTL_MS)
+            self.backoff.succeeded("heartbeat")
 
     async def _reclaim(self, run: str) -> None:
         taken = []

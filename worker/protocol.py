@@ -32,7 +32,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -84,6 +84,19 @@ COMMAND_CONNECTIONS = 4
 # Sent data unacknowledged this long: the command connection is dead (TCP_USER_TIMEOUT).
 COMMAND_SOCKET_DEAD_S = 30
 MAX_SAFE_INTEGER = 2**53 - 1
+# Replies (besides READONLY and LOADING, which redis-py gives classes of their own) of a server
+# that is no longer, or not yet, the writable primary: after a failover the address may lead
+# elsewhere once connections are made again (`reset_connections`).
+FAILOVER_REPLIES = ("MASTERDOWN", "UNBLOCKED")
+# At most one reset of every connection this often, however many slots meet the error.
+RESET_EVERY_S = 1.0
+
+
+def is_failover(exc: BaseException) -> bool:
+    """A ReadOnlyError, LOADING, MASTERDOWN, or a blocked call cut by a role change."""
+    if isinstance(exc, ReadOnlyError | BusyLoadingError):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(FAILOVER_REPLIES)
 
 
 def command_socket_options() -> dict[str, Any]:
@@ -111,11 +124,13 @@ def command_socket_options() -> dict[str, Any]:
     return {"socket_timeout": None, "socket_keepalive": True, "socket_keepalive_options": options}
 
 
-def _redis_kwargs(settings: Settings) -> dict[str, Any]:
+def _redis_kwargs(settings: Settings, pool: bool = False) -> dict[str, Any]:
     """bullmq's connection policy (retry with backoff on connection errors), and invalid UTF-8
-    kept as surrogates instead of an exception that would lose the whole reply."""
+    kept as surrogates instead of an exception that would lose the whole reply. `pool`: for a
+    connection pool, whose connection class carries TLS (settings.RedisSettings.pool_kwargs)."""
+    redis = settings.redis
     return {
-        **settings.redis.connection_kwargs(),
+        **(redis.pool_kwargs() if pool else redis.connection_kwargs()),
         "decode_responses": True,
         "encoding_errors": "surrogateescape",
         "retry": Retry(ExponentialBackoff(cap=20, base=1), 20),
@@ -199,8 +214,18 @@ def _int_field(raw: Mapping[str, str], *names: str) -> int:
     return 0
 
 
+# moveToActive writes processedOn and ats into the job's hash even when the hash is gone, so a
+# hash without name and data is a job whose data vanished (before: "Unknown job type: None").
+MISSING_DATA = (
+    "Job data is missing: its hash was gone from Redis when the worker took it (evicted under "
+    "a maxmemory-policy other than noeviction, or deleted)"
+)
+
+
 def decode_job(raw: Mapping[str, str], job_id: str, token: str) -> ActiveJob | UndecodableJob:
     """The job hash as Node's `Job.fromJSON` reads the fields a worker needs."""
+    if "name" not in raw and "data" not in raw:
+        return UndecodableJob(job_id, token, MISSING_DATA)
     try:
         attempts_made = _int_field(raw, "atm", "attemptsMade")
     except ValueError:
@@ -414,10 +439,11 @@ class QueueProtocol:
         self.worker_name = worker_name
         self.client_name = client_name(settings.prefix, settings.queue, worker_name)
         kwargs = _redis_kwargs(settings)
+        # Its connection class is the lanes' too (autopipeline: `pool.make_connection()`).
         pool = BlockingConnectionPool(
             max_connections=COMMAND_CONNECTIONS,
             timeout=None,  # wait for a free socket; never fail a command for lack of one
-            **{**kwargs, **command_socket_options()},
+            **{**_redis_kwargs(settings, pool=True), **command_socket_options()},
         )
         self.redis: Redis = Redis.from_pool(pool)
         # The blocking wait for jobs gets a connection of its own, with a socket timeout
@@ -439,6 +465,7 @@ class QueueProtocol:
         self.move_to_finished = AutoPipelinedScript(
             self.redis.register_script(finish), max_in_flight=COMMAND_CONNECTIONS - 1
         )
+        self._reset_at = 0.0
 
     def key(self, *parts: str) -> str:
         return bull_key(self.prefix, self.queue, *parts)
@@ -461,6 +488,21 @@ class QueueProtocol:
         await self.blocking.ping()
         info = await self.redis.info("server")
         return str(info.get("redis_version", "?"))
+
+    async def reset_connections(self) -> bool:
+        """Close every connection (pool, lanes, blocking); each is made again on its next use.
+        After a failover the same address may now lead to the new primary (a DNS name or a
+        proxy in front of it), which connections made before still cannot reach. At most once
+        per RESET_EVERY_S; returns whether it reset."""
+        now = time.monotonic()
+        if now - self._reset_at < RESET_EVERY_S:
+            return False
+        self._reset_at = now
+        await self.move_to_finished.drop_idle()
+        await self.redis.connection_pool.disconnect()
+        if self.blocking.connection is not None:
+            await self.blocking.connection.disconnect()
+        return True
 
     async def close(self) -> None:
         await self.move_to_finished.aclose()

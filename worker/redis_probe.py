@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from loguru import logger
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
@@ -30,6 +30,9 @@ LASTING = frozenset({"auth", "tls", "protocol", "refused-command"})
 # Start-up: how long one attempt may take, and the pause between attempts.
 ATTEMPT_S = 5.0
 RETRY_S = 1.0
+
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+NAME_MISMATCH = frozenset({62, 64})
 
 E = TypeVar("E", bound=BaseException)
 
@@ -48,13 +51,19 @@ class RedisUnreachable(Exception):
 
 
 def bounded_client(redis: RedisSettings, timeout_s: float) -> Redis:
-    """A client whose every connect and reply waits at most `timeout_s`, with no retries."""
-    kwargs = {
-        **redis.connection_kwargs(),
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-    }
-    return Redis(decode_responses=True, retry=Retry(NoBackoff(), 0), **kwargs)
+    """A client whose every connect and reply waits at most `timeout_s`, with no retries. Its
+    connections are made as the service's command pool makes them (`pool_kwargs`: the same
+    connection class, TLS context and CAs), so `check` cannot pass what the service fails."""
+    pool = ConnectionPool(
+        **{
+            **redis.pool_kwargs(),
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "decode_responses": True,
+            "retry": Retry(NoBackoff(), 0),
+        }
+    )
+    return Redis.from_pool(pool)
 
 
 async def server_info(client: Redis, redis: RedisSettings, timeout_s: float) -> dict[str, Any]:
@@ -100,10 +109,28 @@ async def wait_until_reachable(redis: RedisSettings, timeout_s: float) -> dict[s
 
 
 def eviction_problem(info: dict[str, Any]) -> str | None:
+    """One line on a policy that lets Redis delete job keys, or None."""
     policy = info.get("maxmemory_policy")
     if policy in (None, "noeviction"):
         return None
-    return f"Redis maxmemory-policy is {policy}; BullMQ needs noeviction or jobs can vanish"
+    return (
+        f"Redis maxmemory-policy is {policy}: when Redis fills up it deletes keys, and jobs "
+        f"vanish or fail with their data missing; BullMQ needs noeviction. Fix: redis-cli "
+        f"CONFIG SET maxmemory-policy noeviction (and maxmemory-policy noeviction in redis.conf, "
+        f"or the provider's setting, to keep it after a restart)"
+    )
+
+
+def server_identity(info: dict[str, Any]) -> str:
+    """The server and version as it reports itself: Valkey and Redict also report a
+    `redis_version` (7.2.4, for clients that test it), which is not theirs."""
+    name = str(info.get("server_name") or "")
+    for key, label in (("valkey_version", "Valkey"), ("redict_version", "Redict")):
+        if key in info:
+            return f"{label} {info[key]}"
+    if name and name.lower() != "redis" and f"{name}_version" in info:
+        return f"{name.capitalize()} {info[f'{name}_version']}"
+    return f"Redis {info.get('redis_version', '?')}"
 
 
 def describe(exc: BaseException, redis: RedisSettings, timeout_s: float) -> tuple[str, str]:
@@ -119,6 +146,16 @@ def describe(exc: BaseException, redis: RedisSettings, timeout_s: float) -> tupl
             f"{source})",
             "auth",
         )
+    if verify := _find(chain, ssl.SSLCertVerificationError):
+        hint = (
+            f"the certificate is not for {redis.host!r}: connect by the name it was issued to"
+            if verify.verify_code in NAME_MISMATCH
+            else "a private CA? set REDIS_TLS_CA_FILE to its PEM bundle"
+            if not redis.tls_ca_file
+            else f"is {redis.tls_ca_file} (REDIS_TLS_CA_FILE) the CA that signed it?"
+        )
+        why = f"certificate verify failed: {verify.verify_message or verify}"
+        return f"TLS failed with {where}: {why} ({hint})", "tls"
     if tls := _find(chain, ssl.SSLError):
         return f"TLS failed with {where}: {tls.reason or tls}", "tls"
     if _find(chain, ConnectionRefusedError):

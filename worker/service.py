@@ -154,6 +154,13 @@ class Service:
             s.prefix,
             f"{s.limiter_max} jobs per {s.limiter_duration_ms} ms" if s.limiter else "off",
         )
+        if s.redis.tls_insecure:
+            logger.warning(
+                "Redis TLS certificate NOT verified (REDIS_TLS_INSECURE=true): anyone on the "
+                "path can read and change the jobs; for self-signed test setups only"
+            )
+        elif s.redis.tls:
+            logger.info("Redis connection: {}", s.redis.tls_mode)
         logger.info("Job types: {}", ", ".join(self.registry.names()))
         for spec in self.registry:
             for note in spec.notes:
@@ -208,7 +215,7 @@ class Service:
     async def _probe(self) -> QueueProbe:
         assert self.worker is not None
         waiting, paused, limited_ms = await self.worker.protocol.probe()
-        return QueueProbe(waiting=waiting, paused=paused, rate_limited_ms=limited_ms)
+        return QueueProbe(waiting, paused, limited_ms, self.worker.backoff.problem)
 
     async def _snapshot(self) -> QueueSnapshot:
         assert self.worker is not None
@@ -228,12 +235,16 @@ class Service:
             )
 
     async def _watch_slots(self, worker: JobLoop) -> None:
-        """The slots must not end by themselves; if they do, stop so the platform restarts us."""
-        while worker.running or self._stop.is_set():
+        """The slots must not end by themselves, nor Redis fail for WORKER_REDIS_GIVE_UP_S
+        (worker/backoff.py); if either happens, stop with exit code 1: the platform restarts us."""
+        while (worker.running and not worker.backoff.gave_up) or self._stop.is_set():
             if self._stop.is_set():
                 return
             await asyncio.sleep(1.0)
-        logger.error("The job slots ended unexpectedly; stopping so the service restarts")
+        if worker.backoff.gave_up:
+            logger.error("Stopping so the platform restarts the worker: {}", worker.backoff.gave_up)
+        else:
+            logger.error("The job slots ended unexpectedly; stopping so the service restarts")
         self.exit_code = 1  # non-zero, so a restart-on-failure policy brings us back
         self.request_stop("slots-exit")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -26,9 +26,14 @@ class RedisSettings:
     password: str | None = field(default=None, repr=False)
     tls: bool = False
     source: str = "default"  # which variable it came from, for start-up messages
+    # TLS trust: the system CAs, plus this PEM bundle when set (REDIS_TLS_CA_FILE); or, only when
+    # asked for by REDIS_TLS_INSECURE=true, no verification at all (self-signed test setups).
+    tls_ca_file: str | None = None
+    tls_insecure: bool = False
 
     def connection_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `redis.asyncio.Redis` (and bullmq's dict connection)."""
+        """Keyword arguments for `redis.asyncio.Redis` (and bullmq's dict connection). A pool
+        takes `pool_kwargs()` instead: `ssl=True` means something to a client only."""
         kwargs: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
@@ -40,8 +45,34 @@ class RedisSettings:
             "socket_keepalive": True,
         }
         if self.tls:
-            kwargs["ssl"] = True
+            kwargs.update(
+                ssl=True,
+                ssl_cert_reqs="none" if self.tls_insecure else "required",
+                ssl_check_hostname=not self.tls_insecure,
+                ssl_ca_certs=None if self.tls_insecure else self.tls_ca_file,
+            )
         return kwargs
+
+    def pool_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a `redis.asyncio` connection pool: TLS is its connection class
+        (`ssl=True` handed to a pool reached the plain Connection and crashed the service)."""
+        kwargs = self.connection_kwargs()
+        if kwargs.pop("ssl", False):
+            from redis.asyncio.connection import SSLConnection
+
+            kwargs["connection_class"] = SSLConnection
+        return kwargs
+
+    @property
+    def tls_mode(self) -> str:
+        """How the connection is secured, in words, for the banner and `check`."""
+        if not self.tls:
+            return "no TLS"
+        if self.tls_insecure:
+            return "TLS WITHOUT certificate verification (REDIS_TLS_INSECURE=true)"
+        if self.tls_ca_file:
+            return f"TLS, server certificate checked against the system CAs and {self.tls_ca_file}"
+        return "TLS, server certificate checked against the system CAs"
 
     @property
     def redacted_url(self) -> str:
@@ -69,6 +100,8 @@ class Settings:
     shutdown_grace_s: float = 25.0
     startup_timeout_s: float = 30.0
     ready_stall_s: float = 120.0
+    # Continuous Redis failure of one path (fetch, finish, a chore) this long: exit 1.
+    redis_give_up_s: float = 300.0
     log_format: str = "text"
     log_level: str = "INFO"
     environment: str = "development"
@@ -122,6 +155,7 @@ class Settings:
             shutdown_grace_s=reader.number("WORKER_SHUTDOWN_GRACE_S", 25.0, low=0.0),
             startup_timeout_s=reader.number("WORKER_STARTUP_TIMEOUT_S", 30.0, low=1.0),
             ready_stall_s=reader.number("WORKER_READY_STALL_S", 120.0, low=1.0),
+            redis_give_up_s=reader.number("WORKER_REDIS_GIVE_UP_S", 300.0, low=1.0),
             log_format=log_format,
             log_level=log_level,
             environment=reader.text("NODE_ENV", "development") or "development",
@@ -220,6 +254,48 @@ def parse_ai_prices(text: str) -> tuple[tuple[str, float, float], ...]:
 
 
 def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
+    """Where (`_redis_address`), then how TLS trusts the server: REDIS_TLS_CA_FILE, a PEM
+    bundle added to the system CAs, or REDIS_TLS_INSECURE=true, no verification."""
+    redis = _redis_address(env)
+    reader = _Reader(env)
+    ca_file = reader.text("REDIS_TLS_CA_FILE", "") or None
+    insecure = reader.choice("REDIS_TLS_INSECURE", "false", _BOOLEAN) in ("true", "1")
+    if ca_file is not None:
+        if not redis.tls:
+            reader.problems.add(
+                "REDIS_TLS_CA_FILE",
+                f"set, but {redis.source} is not TLS: use rediss:// (or REDIS_TLS=true)",
+            )
+        elif insecure:
+            reader.problems.add(
+                "REDIS_TLS_CA_FILE", "set together with REDIS_TLS_INSECURE=true: choose one"
+            )
+        elif problem := _pem_problem(ca_file):
+            reader.problems.add("REDIS_TLS_CA_FILE", problem)
+    if insecure and not redis.tls:
+        reader.problems.add(
+            "REDIS_TLS_INSECURE", f"set, but {redis.source} is not TLS: use rediss://"
+        )
+    reader.problems.raise_any()
+    return replace(redis, tls_ca_file=ca_file, tls_insecure=insecure)
+
+
+_BOOLEAN = ("true", "false", "1", "0")
+
+
+def _pem_problem(path: str) -> str | None:
+    """Why `path` is no PEM CA bundle, or None: caught at start-up, not at the first connect."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(1 << 20)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        return f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    return None
+
+
+def _redis_address(env: Mapping[str, str]) -> RedisSettings:
     """REDIS_PUBLIC_URL > REDIS_URL > REDIS_HOST/REDIS_PORT/REDIS_PASSWORD (INTEROP §6)."""
     for name in ("REDIS_PUBLIC_URL", "REDIS_URL"):
         value = env.get(name, "").strip()
@@ -233,7 +309,7 @@ def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
             db=reader.integer("REDIS_DB", 0, low=0, high=10_000),
             username=env.get("REDIS_USERNAME") or None,
             password=env.get("REDIS_PASSWORD") or None,
-            tls=reader.choice("REDIS_TLS", "false", ("true", "false", "1", "0")) in ("true", "1"),
+            tls=reader.choice("REDIS_TLS", "false", _BOOLEAN) in ("true", "1"),
             source="REDIS_HOST",
         )
         reader.problems.raise_any()

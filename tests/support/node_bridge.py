@@ -38,14 +38,20 @@ class NodeBridge:
 
     @classmethod
     async def start(
-        cls, version: str, redis_url: str, *, timeout: float = DEFAULT_TIMEOUT
+        cls,
+        version: str,
+        redis_url: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: dict[str, str] | None = None,
     ) -> NodeBridge:
-        """Start the bridge for bullmq major `version` ("5" or "6") and wait until it is ready."""
+        """Start the bridge for bullmq major `version` ("5" or "6") and wait until it is ready.
+        `env`: more variables, e.g. NODE_EXTRA_CA_CERTS for a `rediss://` with a private CA."""
         proc = await asyncio.create_subprocess_exec(
             "node",
             str(BRIDGE_SCRIPT),
             cwd=REPO_ROOT,
-            env={**os.environ, "BULLMQ_VERSION": version, "REDIS_URL": redis_url},
+            env={**os.environ, **(env or {}), "BULLMQ_VERSION": version, "REDIS_URL": redis_url},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
