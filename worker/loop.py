@@ -441,7 +441,8 @@ class JobLoop:
             redis, cap_s = self.protocol.redis, self.settings.rate_limit_max_wait_s
             key = refused_wait_key(self.protocol.prefix, self.protocol.queue, job.id)
             waited_s = float(await redis.get(key) or 0)
-            if waited_s + wait_s > cap_s:
+            wait_s = min(wait_s, cap_s - waited_s)  # the last wait ends at the cap, not past it
+            if wait_s <= 0:
                 await redis.delete(key)  # a retry by hand starts with a full allowance
                 reason = (
                     f"The AI service ({exc.provider}) kept refusing with rate limits (429) for"
