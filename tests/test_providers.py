@@ -160,7 +160,6 @@ async def test_an_outage_fails_no_job_and_calls_openai_only_to_probe(
     assert [job["state"] for job in done] == ["completed"] * jobs, done
     assert all(job["attemptsMade"] <= 2 for job in done)  # at most one spent on the outage
     in_outage = [r for r in openai_fake.chat_requests if r.at < outage_ends]
-    print(f"FIGURES outage: {len(in_outage)} calls in the outage, {openai_fake.calls} in all")
     # The calls that tripped it (and those already in flight when it did), then one probe per
     # open period: each lasts open_s plus the parked jobs' jitter.
     bound = failures + (concurrency - 1) + math.ceil(outage_s / open_s) + 1
@@ -187,7 +186,6 @@ async def test_a_429_that_never_lifts_fails_each_job_at_the_cap_naming_the_provi
         ), job["failedReason"]
         assert f"WORKER_RATE_LIMIT_MAX_WAIT_S ({cap_s:g} s)" in job["failedReason"]
     assert cap_s - 0.5 < took < cap_s + 5
-    print(f"FIGURES 429: all failed in {took:.1f} s, {openai_fake.calls} calls")
     # The cooldown a 429 leaves parks the other jobs without a call: about one call per
     # Retry-After, not one per job (jobs x cap / Retry-After = 12 without it).
     assert openai_fake.calls <= jobs + 2 * cap_s / retry_after_s, openai_fake.calls
@@ -216,7 +214,6 @@ async def test_two_workers_share_one_requests_per_minute_limit(
     # 0.2 s allow for the time between a call's admission and its arrival here.
     busiest = max(sum(1 for t in arrivals if a <= t < a + window_s - 0.2) for a in arrivals)
     assert busiest <= limit, arrivals
-    print(f"FIGURES rpm: busiest {busiest}, span {arrivals[-1] - arrivals[0]:.1f} s, ran {ran}")
     assert arrivals[-1] - arrivals[0] >= (jobs - 1) * window_s / limit - 0.5
 
 
