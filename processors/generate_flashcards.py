@@ -1,8 +1,9 @@
 """`generate-flashcards`: one strict structured-output OpenAI call turns study material into cards.
 
-Steps (INTEROP §4): progress 10 → budget check (20) → OpenAI → token accounting (80) →
-post-processing → progress 100 and `{"success": true, "flashcards": [...], "tokenUsage": n}`.
-Errors are classified in `processors.shared.openai_client` and `processors.shared.budget`.
+Steps (INTEROP §4): progress 10 → OpenAI's breaker and rate limit (worker.providers) → budget
+reserved (20) → OpenAI → token accounting, the hold settled (80) → post-processing → progress
+100 and `{"success": true, "flashcards": [...], "tokenUsage": n}`. Errors are classified in
+`processors.shared.openai_client` and `processors.shared.budget`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from worker.context import JobContext
 from worker.contract import load_schema
 from worker.contract_types import Flashcard, FlashcardsPayload, FlashcardsResult
 from worker.errors import ConfigError, ConfigProblems, RetryableJobError
+from worker.providers import OPENAI, Provider, ProviderSettings
 from worker.registry import ProcessorSpec
 
 JOB_NAME = "generate-flashcards"
@@ -87,13 +89,15 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
     problems = ConfigProblems()
     settings = problems.take(lambda: OpenAISettings.from_env(env))
     supabase = problems.take(lambda: SupabaseSettings.from_env(env))
+    protection = problems.take(lambda: ProviderSettings.from_env(OPENAI, env))
     defs = problems.take(load_card_defs)
     problems.raise_any()
-    assert settings is not None and defs is not None
+    assert settings is not None and defs is not None and protection is not None
     schema = reply_schema(defs)
-    budget = Budget.from_settings(supabase)
+    budget = Budget.from_settings(supabase, protection.key_prefix)
     client = make_client(settings)
-    processor = FlashcardsProcessor(settings, client, budget, schema)
+    provider = Provider(protection, settings.model)
+    processor = FlashcardsProcessor(settings, client, budget, schema, provider)
     return ProcessorSpec(
         name=JOB_NAME,
         handler=processor.run,
@@ -110,11 +114,13 @@ class FlashcardsProcessor:
         client: AsyncOpenAI,
         budget: Budget,
         schema: Mapping[str, Any],
+        provider: Provider,
     ) -> None:
         self.settings = settings
         self.client = client
         self.budget = budget
         self.schema = schema
+        self.provider = provider
 
     async def run(self, data: dict[str, Any], ctx: JobContext) -> FlashcardsResult:
         payload = cast(FlashcardsPayload, data)  # validated against the contract by the runtime
@@ -130,30 +136,36 @@ class FlashcardsProcessor:
             native_language(payload),
         )
 
-        await self.budget.check(user_id, estimate_tokens(messages), ctx.log)
-        await ctx.progress(20)
-
-        reply = await complete_json(
-            self.client,
-            model=self.settings.model,
-            messages=messages,
-            schema_name=SCHEMA_NAME,
-            schema=self.schema,
-            temperature=TEMPERATURE,
-            max_completion_tokens=MAX_COMPLETION_TOKENS,
-            prompt_cache_key=JOB_NAME,
-        )
-        usage = reply.usage
-        ctx.log.info(
-            "OpenAI reply: finish_reason {}, {} prompt tokens ({} cached) + {} completion tokens",
-            reply.finish_reason,
-            usage.prompt_tokens,
-            usage.cached_tokens,
-            usage.completion_tokens,
-        )
-        # Billed whether or not the reply is usable, so accounted before it is judged.
-        ctx.ai_usage(self.settings.model, usage.prompt_tokens, usage.completion_tokens)
-        await self.budget.record(user_id, usage.prompt_tokens, usage.completion_tokens, ctx.log)
+        estimate = estimate_tokens(messages)
+        async with (
+            self.provider.call(ctx.redis, estimate.total) as permit,
+            self.budget.hold(ctx.redis, user_id, estimate, ctx.log) as reservation,
+        ):
+            await ctx.progress(20)
+            reply = await complete_json(
+                self.client,
+                model=self.settings.model,
+                messages=messages,
+                schema_name=SCHEMA_NAME,
+                schema=self.schema,
+                temperature=TEMPERATURE,
+                max_completion_tokens=MAX_COMPLETION_TOKENS,
+                prompt_cache_key=JOB_NAME,
+                permit=permit,
+            )
+            usage = reply.usage
+            ctx.log.info(
+                "OpenAI reply: finish_reason {}, {} prompt tokens ({} cached) + {} completion"
+                " tokens",
+                reply.finish_reason,
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens,
+            )
+            # Billed whether or not the reply is usable, so accounted before it is judged.
+            ctx.ai_usage(self.settings.model, usage.prompt_tokens, usage.completion_tokens)
+            await self.budget.record(user_id, usage.prompt_tokens, usage.completion_tokens, ctx.log)
+            await reservation.settle(usage.prompt_tokens, usage.completion_tokens)
         await ctx.progress(80)
 
         cards = reply.parsed().get("flashcards")

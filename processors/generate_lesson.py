@@ -1,7 +1,8 @@
 """`generate-lesson`: lessons from a document, written to Supabase once, resumable (INTEROP §4).
 
 Steps, each a strict structured-output call checked against `$defs` of the contract's result
-schema, with a budget check before and `increment_tokens` after every call (prompts and the
+schema, through OpenAI's shared breaker and rate limit (worker.providers), with the budget
+reserved before and `increment_tokens` after every call (prompts and the
 clean-up of replies: `processors.shared.lesson_steps`; progress on the left):
 
     10  keywords (temperature 0.1, as many as the content warrants) → those that do not
@@ -87,11 +88,12 @@ from worker.context import JobContext
 from worker.contract_types import LessonResult
 from worker.errors import (
     ConfigProblems,
+    Deferred,
     JobError,
     PermanentJobError,
-    RateLimited,
     RetryableJobError,
 )
+from worker.providers import OPENAI, Provider, ProviderSettings
 from worker.registry import ProcessorSpec
 
 JOB_NAME = "generate-lesson"
@@ -161,11 +163,13 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
             f"{JOB_NAME} writes esp_lessons rows: set {' or '.join(URL_VARIABLES)} "
             f"and {' or '.join(KEY_VARIABLES)}",
         )
+    protection = problems.take(lambda: ProviderSettings.from_env(OPENAI, env))
     defs = problems.take(lambda: load_step_defs(JOB_NAME, CONTRACT_RESULT_SCHEMA))
     problems.raise_any()
-    assert settings is not None and defs is not None
-    budget = Budget.from_settings(supabase)
-    processor = LessonProcessor(settings, make_client(settings), budget, defs)
+    assert settings is not None and defs is not None and protection is not None
+    budget = Budget.from_settings(supabase, protection.key_prefix)
+    provider = Provider(protection, settings.model)
+    processor = LessonProcessor(settings, make_client(settings), budget, defs, provider)
     return ProcessorSpec(
         name=JOB_NAME,
         handler=processor.run,
@@ -186,11 +190,13 @@ class LessonProcessor:
         client: AsyncOpenAI,
         budget: Budget,
         defs: Mapping[str, Any],
+        provider: Provider,
     ) -> None:
         assert budget.client is not None
         self.settings = settings
         self.client = client
         self.budget = budget
+        self.provider = provider
         self.store = LessonStore(budget.client)
         self.schemas = {step.name: step.schema(defs) for step in STEPS}
         self.validators = {
@@ -212,8 +218,8 @@ class LessonProcessor:
         try:
             await state.settle_usage(run.account)  # a crash interrupted its accounting
             result = await run.execute()
-        except RateLimited:
-            raise  # requeued without an attempt; the next run resumes here
+        except Deferred:
+            raise  # parked without using an attempt; the next run resumes here
         except PermanentJobError as exc:
             if saved := saved_rows(state):
                 raise PartlySaved(f"{exc} {saved}") from exc
@@ -348,7 +354,7 @@ class _Run:
         if key not in self.state:
             try:
                 first = await self._first_conversation(i)
-            except (RateLimited, OverBudget):
+            except (Deferred, OverBudget):
                 raise  # not the conversation's fault: the job waits, or fails naming the rows
             except PermanentJobError as exc:  # refused, cut off, empty, 4xx: the same again
                 await self._without_conversation(i, lesson_id, exc)
@@ -417,7 +423,7 @@ class _Run:
         )
         try:
             await self.ask(CONVERSATION, request, f"chat:{i}", better)
-        except (RateLimited, OverBudget):
+        except (Deferred, OverBudget):
             raise
         except Exception as exc:  # the first answer is usable: keep it rather than fail
             self.log.warning(
@@ -462,43 +468,50 @@ class _Run:
     async def ask(
         self, step: Step, user: str, key: str, transform: Callable[[dict[str, Any]], Any]
     ) -> Any:
-        """Budget check, the call, and one write of its usage with its (transformed) result."""
+        """Breaker and rate limit, budget hold, the call, and one write of its usage with its
+        (transformed) result."""
         messages = [
             {"role": "system", "content": step.system_prompt},
             {"role": "user", "content": user},
         ]
-        await self.p.budget.check(self.lesson.user_id, estimate_tokens(messages), self.log)
-        reply = await complete_json(
-            self.p.client,
-            model=self.p.settings.model,
-            messages=messages,
-            schema_name=step.name,
-            schema=self.p.schemas[step.name],
-            temperature=step.temperature,
-            max_completion_tokens=step.max_completion_tokens,
-            prompt_cache_key=f"{JOB_NAME}:{step.name}",
-        )
-        usage = reply.usage
-        self.log.info(
-            "OpenAI {}: finish_reason {}, {} prompt tokens ({} cached) + {} completion tokens",
-            step.name,
-            reply.finish_reason,
-            usage.prompt_tokens,
-            usage.cached_tokens,
-            usage.completion_tokens,
-        )
+        estimate = estimate_tokens(messages)
         failure: Exception | None = None
         values: dict[str, Any] = {}
-        try:
-            values[key] = transform(self._parsed(step, reply.parsed()))
-        except Exception as exc:
-            failure = exc
-        self.ctx.ai_usage(self.p.settings.model, usage.prompt_tokens, usage.completion_tokens)
-        # Billed whether or not the reply is usable: saved with the result, in one write.
-        await self.state.record_call(
-            usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, values
-        )
-        await self.state.settle_usage(self.account)
+        async with (
+            self.p.provider.call(self.ctx.redis, estimate.total) as permit,
+            self.p.budget.hold(self.ctx.redis, self.lesson.user_id, estimate, self.log) as held,
+        ):
+            reply = await complete_json(
+                self.p.client,
+                model=self.p.settings.model,
+                messages=messages,
+                schema_name=step.name,
+                schema=self.p.schemas[step.name],
+                temperature=step.temperature,
+                max_completion_tokens=step.max_completion_tokens,
+                prompt_cache_key=f"{JOB_NAME}:{step.name}",
+                permit=permit,
+            )
+            usage = reply.usage
+            self.log.info(
+                "OpenAI {}: finish_reason {}, {} prompt tokens ({} cached) + {} completion tokens",
+                step.name,
+                reply.finish_reason,
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens,
+            )
+            try:
+                values[key] = transform(self._parsed(step, reply.parsed()))
+            except Exception as exc:
+                failure = exc
+            self.ctx.ai_usage(self.p.settings.model, usage.prompt_tokens, usage.completion_tokens)
+            # Billed whether or not the reply is usable: saved with the result, in one write.
+            await self.state.record_call(
+                usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, values
+            )
+            await self.state.settle_usage(self.account)
+            await held.settle(usage.prompt_tokens, usage.completion_tokens)
         if failure is not None:
             raise failure
         return values[key]

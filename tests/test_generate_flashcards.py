@@ -51,13 +51,15 @@ from tests.fakes.openai_server import (
     slow,
 )
 from tests.fakes.postgrest_server import FakePostgrest
-from tests.support.processor_job import CONTRACT, ProcessorJob
+from tests.support.processor_job import CONTRACT, ProcessorJob, lift_openai_cooldown
 from worker.errors import (
     ConfigError,
+    Deferred,
     PermanentJobError,
     RateLimited,
     RetryableJobError,
 )
+from worker.keys import rate_key
 from worker.registry import ProcessorSpec
 
 USER_ID = "5f0c1e9a-3b7d-4c2e-9a61-0d8b2f4e7c13"
@@ -103,9 +105,10 @@ def db_tables() -> Tables:
 
 
 @pytest_asyncio.fixture
-async def dummy_redis() -> AsyncIterator[aioredis.Redis]:
-    # The processor needs no Redis; this client never connects unless used.
-    client = aioredis.Redis.from_url("redis://127.0.0.1:6379")
+async def dummy_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    # The test session's Redis: OpenAI's breaker and rate limit and the budget holds live there
+    # (under the stand-ins' own PROTECTION_KEY_PREFIX).
+    client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
 
@@ -277,7 +280,10 @@ async def test_the_stable_instructions_come_first_for_every_job(
 
 @pytest.mark.asyncio
 async def test_rate_limit_then_success_uses_no_attempt(
-    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob],
+    openai_fake: FakeOpenAI,
+    db: FakePostgrest,
+    stand_in_env: dict[str, str],
 ) -> None:
     openai_fake.script(
         rate_limited(retry_after_s=7), completion({"flashcards": [card("Heart", "X")]})
@@ -287,10 +293,22 @@ async def test_rate_limit_then_success_uses_no_attempt(
     with pytest.raises(RateLimited) as caught:
         await job.attempt(1)
     assert caught.value.retry_after_s == 7.0
+    assert (caught.value.provider, caught.value.refused) == ("openai", True)
     assert openai_fake.calls == 1
     assert increments(db) == []  # nothing was billed
 
-    # The runtime requeues without using an attempt: the job runs again as attempt 1.
+    # The runtime parks it without using an attempt. Run again within the Retry-After, it is
+    # held back by the cooldown the 429 left for every replica, and calls nobody.
+    with pytest.raises(Deferred) as held:
+        await job.attempt(1)
+    assert held.value.refused and 5 < held.value.delay_s <= 7
+    assert "429 cooldown" in str(held.value)
+    assert openai_fake.calls == 1
+
+    # Once the Retry-After has passed (its key expires), it runs again as attempt 1.
+    cooldown = rate_key(stand_in_env["PROTECTION_KEY_PREFIX"], "openai", "gpt-4o-mini", "cooldown")
+    assert 5000 < await job.redis.pttl(cooldown) <= 7000
+    await lift_openai_cooldown(job.redis, stand_in_env)
     result = await job.attempt(1)
     assert result["flashcards"][0]["front"] == "Heart"
     assert openai_fake.calls == 2

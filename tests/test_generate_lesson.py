@@ -38,8 +38,8 @@ from tests.fakes.postgrest_server import FakePostgrest
 from tests.support.harness import eventually, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
 from tests.support.proc import WorkerProcess
-from tests.support.processor_job import ProcessorJob
-from worker.errors import ConfigError, PermanentJobError, RateLimited, RetryableJobError
+from tests.support.processor_job import ProcessorJob, lift_openai_cooldown
+from worker.errors import ConfigError, Deferred, PermanentJobError, RateLimited, RetryableJobError
 from worker.idempotency import idempotency_key
 from worker.registry import ProcessorSpec, Registry
 
@@ -409,7 +409,10 @@ async def test_a_supabase_failure_at_each_write_then_a_retry_writes_once(
 
 
 async def test_rate_limit_mid_job_requeues_and_the_same_attempt_resumes(
-    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob],
+    openai_fake: FakeOpenAI,
+    db: FakePostgrest,
+    stand_in_env: dict[str, str],
 ) -> None:
     replies = [reply(label) for label in ORDER]
     replies.insert(4, rate_limited(retry_after_s=3))  # before the second vocabulary
@@ -418,6 +421,10 @@ async def test_rate_limit_mid_job_requeues_and_the_same_attempt_resumes(
     with pytest.raises(RateLimited) as caught:
         await job.attempt(1)
     assert caught.value.retry_after_s == 3.0
+    with pytest.raises(Deferred, match="429 cooldown"):  # within the Retry-After: no call
+        await job.attempt(1)
+    # The Retry-After has passed (the cooldown's key expired): the parked job resumes.
+    await lift_openai_cooldown(job.redis, stand_in_env)
     result = await job.attempt(1)  # a requeue uses no attempt
     assert openai_fake.calls == len(ORDER) + 1
     assert result["tokenUsage"] == TOTAL_TOKENS
@@ -676,7 +683,10 @@ async def test_every_conversation_short_stays_within_the_call_bound(
 
 
 async def test_a_rate_limit_on_the_second_ask_resumes_there_without_asking_the_first_again(
-    new_job: Callable[..., ProcessorJob], openai_fake: FakeOpenAI, db: FakePostgrest
+    new_job: Callable[..., ProcessorJob],
+    openai_fake: FakeOpenAI,
+    db: FakePostgrest,
+    stand_in_env: dict[str, str],
 ) -> None:
     openai_fake.script(
         reply("K"), reply("T"), reply("V1"), completion(conversation(0, leave_out=2)),
@@ -686,6 +696,7 @@ async def test_a_rate_limit_on_the_second_ask_resumes_there_without_asking_the_f
     with pytest.raises(RateLimited):
         await job.attempt(1)
     assert "chat_first:0" in await job.state()
+    await lift_openai_cooldown(job.redis, stand_in_env)  # parked until its Retry-After passed
     result = await job.attempt(1)
     assert steps_called(openai_fake) == ["K", "T", "V", "C", "C", "C", "V", "C"]
     assert json.loads(result["lessons"][0]["chat_content"]) == conversation(0)

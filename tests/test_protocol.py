@@ -287,6 +287,18 @@ async def test_retry_after_a_backoff(ours: QueueProtocol, theirs: Scripts) -> No
     )
 
 
+async def test_park_is_a_delay_that_uses_no_attempt(ours: QueueProtocol, theirs: Scripts) -> None:
+    # Deferred (an open breaker, a rate limit, a 429): bullmq's moveToDelayed with skipAttempt,
+    # so the script leaves `atm` alone (ARGV[6] "1") and writes no fields.
+    j = job(attempts=3)
+    await ours.park(j, 2500)
+    expected = theirs.moveToDelayedArgs(j.id, round(NOW * 1000), TOKEN, 2500, {"skipAttempt": True})
+    assert last(ours.scripts["moveToDelayed"]) == on_the_wire(expected)
+    assert expected[1][5] == "1"
+    header = (COMMANDS / SCRIPTS["moveToDelayed"]).read_text().split("]]", 1)[0]
+    assert re.search(r"ARGV\[6\]\s+skip attempt", header)
+
+
 async def test_extend_locks(ours: QueueProtocol, theirs: Scripts, settings: Settings) -> None:
     await ours.extend_locks([("1", "w:1"), ("2", "w:2")])
     await theirs.extendJobLocks(["1", "2"], ["w:1", "w:2"], settings.lock_duration_ms)

@@ -10,9 +10,12 @@
         │   └── ContractViolation  a processor returned a result that breaks the contract (a bug)
         ├── RetryableJobError    transient: retried per the job's own attempts/backoff
         │   └── JobTimeout       the processor ran past its timeout and was cancelled
-        └── RateLimited          upstream said "slow down": the whole queue pauses for
-                                 `retry_after_s` and the job goes back to waiting without
-                                 using one of its attempts
+        └── Deferred             not now (a provider's breaker is open, its rate limit is
+            │                    used up): the job is parked in `delayed` for `delay_s`
+            │                    without using one of its attempts
+            └── RateLimited      upstream said "slow down" (429): parked `retry_after_s`;
+                                 such waits add up per job, and past
+                                 WORKER_RATE_LIMIT_MAX_WAIT_S the job fails
 
 Any other exception a processor raises is treated like RetryableJobError.
 """
@@ -131,9 +134,37 @@ class JobTimeout(RetryableJobError):
         self.timeout_s = timeout_s
 
 
-class RateLimited(JobError):
-    """Upstream rate limit: pause the queue `retry_after_s` and requeue without using an attempt."""
+class Deferred(JobError):
+    """The job cannot run now: park it in `delayed` for `delay_s`, no attempt used.
 
-    def __init__(self, retry_after_s: float, message: str = "rate limited upstream") -> None:
-        super().__init__(f"{message} (retry after {retry_after_s:.1f} s)")
+    `refused` marks a wait the provider imposed (a 429, or the cooldown one left behind):
+    those add up per job against WORKER_RATE_LIMIT_MAX_WAIT_S. Waits of our own making (the
+    breaker, our RPM/TPM limits) do not; they end when the provider or the queue allows.
+    """
+
+    def __init__(
+        self, delay_s: float, message: str, *, provider: str = "upstream", refused: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+        self.provider = provider
+        self.refused = refused
+
+
+class RateLimited(Deferred):
+    """Upstream rate limit (429): park the job `retry_after_s` without using an attempt."""
+
+    def __init__(
+        self,
+        retry_after_s: float,
+        message: str = "rate limited upstream",
+        *,
+        provider: str = "upstream",
+    ) -> None:
+        super().__init__(
+            retry_after_s,
+            f"{message} (retry after {retry_after_s:.1f} s)",
+            provider=provider,
+            refused=True,
+        )
         self.retry_after_s = retry_after_s

@@ -24,3 +24,31 @@ def worker_runs_key(prefix: str, queue: str, identity: str) -> str:
 def worker_alive_key(prefix: str, queue: str, worker_id: str) -> str:
     """A run's heartbeat: present while the run is alive (short TTL, renewed every second)."""
     return bull_key(prefix, queue, "py-alive", worker_id)
+
+
+def refused_wait_key(prefix: str, queue: str, job_id: str) -> str:
+    """Seconds a job has spent parked for upstream 429s, in total (WORKER_RATE_LIMIT_MAX_WAIT_S)."""
+    return bull_key(prefix, queue, job_id, "py-refused-s")
+
+
+# Provider protection (worker/providers.py). No BullMQ prefix: the web service reads the
+# breaker's keys as the Node worker wrote them (INTEROP §8); `shared` is empty in production
+# and a unique tag in tests, so test runs on one Redis never share a breaker.
+
+
+def circuit_key(shared: str, provider: str, field: str) -> str:
+    """`circuit:<provider>:<field>`: state, failures, successes, opened_at (the web reads them),
+    probe (ours: the lease of the one call HALF_OPEN lets through)."""
+    return f"{shared}circuit:{provider}:{field}"
+
+
+def rate_key(shared: str, provider: str, model: str, field: str) -> str:
+    """`ratelimit:<provider>:<model>:<field>`: requests / tokens (GCRA theoretical arrival
+    times, ms) and cooldown (ms epoch until which the provider's 429 holds every call back)."""
+    return f"{shared}ratelimit:{provider}:{model}:{field}"
+
+
+def budget_key(shared: str, user_id: str, month: str, field: str) -> str:
+    """`budget:<user>:<YYYY-MM>:<field>`: reserved (a sorted set of leases) and settled (micro-USD
+    settled since, for reads of Supabase that raced a settlement)."""
+    return f"{shared}budget:{user_id}:{month}:{field}"

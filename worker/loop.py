@@ -7,13 +7,14 @@ after a crash. `stop(grace_s)` is the whole shutdown and keeps a hard deadline o
 Redis or no Redis. `run_until_idle()` runs the queue empty and returns (tests, one-off runs).
 
 Job outcomes, each recorded once (`_finish_*`): completed; failed for good (not retryable, or
-its last attempt); retried (an attempt used, BullMQ's backoff applied); requeued (a 429 from
-upstream or a shutdown: back to waiting, no attempt used).
+its last attempt); retried (an attempt used, BullMQ's backoff applied); requeued (a shutdown:
+back to waiting; or Deferred, e.g. a 429 or an open breaker: parked in delayed; no attempt used).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
@@ -24,9 +25,9 @@ from redis.exceptions import RedisError
 
 from worker.backoff import RedisBackoff
 from worker.dispatch import Dispatcher
-from worker.errors import PermanentJobError, RateLimited
+from worker.errors import Deferred, PermanentJobError
 from worker.joblog import JobLog
-from worker.keys import worker_alive_key, worker_runs_key
+from worker.keys import refused_wait_key, worker_alive_key, worker_runs_key
 from worker.logs import job_line, job_lines_on
 from worker.metrics import Metrics
 from worker.protocol import (
@@ -51,6 +52,11 @@ STOP_HARD_S = 5.0
 # Bounds for an upstream Retry-After: never hammer, never park the queue for ages.
 MIN_RATE_LIMIT_S = 1.0
 MAX_RATE_LIMIT_S = 300.0
+# Parked jobs wake up to this much later than asked, so a crowd parked together comes back
+# spread out, and the first to call finds out for the rest.
+PARK_JITTER = 0.2
+# The per-job total of 429 waits outlives the cap by this much, then expires.
+REFUSED_TTL_S = 3600
 # A worker with a stable identity says it is alive this often, for this long; its successor
 # takes back the jobs of a previous run whose heartbeat is gone.
 HEARTBEAT_S = 1.0
@@ -370,10 +376,8 @@ class JobLoop:
                     _end(log, job, started, "interrupted by shutdown: back to waiting")
                     await self._hand_back(job, log)
                     return None
-                except RateLimited as exc:
-                    outcome = "requeued"
-                    await self._requeue_rate_limited(job, exc, log, started)
-                    return None
+                except Deferred as exc:
+                    outcome, answer = await self._defer(job, exc, log, started)
                 except Exception as exc:
                     outcome, answer = await self._fail(job, exc, log, started)
                 else:
@@ -449,24 +453,34 @@ class JobLoop:
         logger.warning("Job {} will be retried: {}", job.id, _reason(exc))
         return "retry", NextJob(None)
 
-    async def _requeue_rate_limited(
-        self, job: ActiveJob, exc: RateLimited, log: JobLog | None, started: float
-    ) -> None:
-        wait_s = min(max(exc.retry_after_s, MIN_RATE_LIMIT_S), MAX_RATE_LIMIT_S)
-        await self.protocol.rate_limit(int(wait_s * 1000))
-        _end(
-            log,
-            job,
-            started,
-            f"rate limited upstream: back to waiting, queue paused {wait_s:.0f} s",
-        )
-        code = await self.protocol.move_to_wait(job.id, job.token, log)
-        logger.warning(
-            "Rate limited upstream: queue paused {:.1f} s, job {} back to waiting (code {})",
-            wait_s,
-            job.id,
-            code,
-        )
+    async def _defer(
+        self, job: ActiveJob, exc: Deferred, log: JobLog | None, started: float
+    ) -> tuple[str, NextJob]:
+        """Park the job in delayed without using an attempt. Waits the provider imposed (429s)
+        add up per job, beside it in Redis; past WORKER_RATE_LIMIT_MAX_WAIT_S it fails."""
+        wait_s = min(max(exc.delay_s, MIN_RATE_LIMIT_S), MAX_RATE_LIMIT_S)
+        wait_s *= random.uniform(1.0, 1.0 + PARK_JITTER)
+        if exc.refused:
+            redis, cap_s = self.protocol.redis, self.settings.rate_limit_max_wait_s
+            key = refused_wait_key(self.protocol.prefix, self.protocol.queue, job.id)
+            waited_s = float(await redis.get(key) or 0)
+            wait_s = min(wait_s, cap_s - waited_s)  # the last wait ends at the cap, not past it
+            if wait_s <= 0:
+                await redis.delete(key)  # a retry by hand starts with a full allowance
+                reason = (
+                    f"The AI service ({exc.provider}) kept refusing with rate limits (429) for"
+                    f" {waited_s:.0f} s in total; gave up at WORKER_RATE_LIMIT_MAX_WAIT_S"
+                    f" ({cap_s:g} s). Please try again later."
+                )
+                return await self._fail(job, PermanentJobError(reason), log, started)
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.incrbyfloat(key, wait_s)
+                pipe.expire(key, round(cap_s) + REFUSED_TTL_S)
+                await pipe.execute()
+        _end(log, job, started, f"parked {wait_s:.1f} s, no attempt used: {exc}")
+        await self.protocol.park(job, round(wait_s * 1000), log)
+        logger.warning("Job {} parked {:.1f} s, no attempt used: {}", job.id, wait_s, exc)
+        return "requeued", NextJob(None)
 
     async def _hand_back(self, job: ActiveJob, log: JobLog | None = None) -> None:
         """Back to waiting, first in line, no attempt used (moveJobFromActiveToWait)."""

@@ -70,7 +70,7 @@ class Metrics:
             "worker_jobs",
             "Job attempts ended, by outcome: completed; failed (for good: not retryable or "
             "no attempts left); retry (failed, will run again); requeued (back to waiting "
-            "without using an attempt: upstream 429 or shutdown)",
+            "without using an attempt: parked for a provider, or shutdown)",
             ["queue", "job_type", "outcome"],
             registry=r,
         )

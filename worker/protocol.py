@@ -646,6 +646,16 @@ class QueueProtocol:
         args = [self.key_prefix, now_ms(), push, job.id, job.token, _flat(fields)]
         return "retryJob", self.retry_keys(job.id), args
 
+    async def park(self, job: ActiveJob, delay_ms: int, log: JobLog | None = None) -> None:
+        """To delayed for `delay_ms` without using an attempt (moveToDelayed, skipAttempt):
+        the job waits for a provider (breaker, rate limit, 429), not for a fault of its own.
+        Behind every job already waiting, so none starves; its lock released."""
+        args = [self.key_prefix, str(now_ms()), job.id, job.token, max(delay_ms, 1), "1", "", "0"]
+        script = self.scripts["moveToDelayed"]
+        reply = await self._after_logs(job.id, log, script, self.delayed_keys(job.id), args)
+        if isinstance(reply, int) and reply < 0:
+            raise JobLost(job.id, "moveToDelayed", reply)
+
     def delayed_keys(self, job_id: str) -> list[str]:
         k = self.keys
         return [k["marker"], k["active"], k["prioritized"], k["delayed"], self.key(job_id),

@@ -120,6 +120,8 @@ class Settings:
     job_log_lines: int = 100
     # USD per million tokens, input/output, by model ("*": any other), for /metrics' cost.
     ai_prices: tuple[tuple[str, float, float], ...] = (("*", 0.60, 2.40),)
+    # A job parked for upstream 429s longer than this in total fails, naming the provider.
+    rate_limit_max_wait_s: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -171,6 +173,7 @@ class Settings:
             ),
             job_log_lines=reader.integer("WORKER_JOB_LOG_LINES", 100, low=0, high=100_000),
             ai_prices=parse_ai_prices(reader.text("WORKER_AI_PRICES", "")),
+            rate_limit_max_wait_s=reader.number("WORKER_RATE_LIMIT_MAX_WAIT_S", 3600.0, low=0.0),
         )
         reader.problems.raise_any()
         return settings

@@ -17,7 +17,8 @@ and what a reply that arrived but is unusable becomes (`JsonReply.parsed`):
 
 BullMQ's attempts are the only retry loop, so the SDK's own retries are off (`SDK_MAX_RETRIES`):
 an SDK retry would hide a second billed call inside one attempt and would sit out a
-`Retry-After` while holding a worker slot, instead of pausing the whole queue.
+`Retry-After` while holding a worker slot, instead of parking the job. With a `permit` (from
+`worker.providers`), each outcome also feeds OpenAI's shared breaker and 429 cooldown.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from worker.errors import (
     RateLimited,
     RetryableJobError,
 )
+from worker.providers import Permit
 from worker.results import well_formed
 
 if TYPE_CHECKING:
@@ -211,11 +213,13 @@ async def complete_json(
     temperature: float,
     max_completion_tokens: int | None = None,
     prompt_cache_key: str | None = None,
+    permit: Permit | None = None,
 ) -> JsonReply:
     """One chat completion with strict structured output; OpenAI errors arrive as worker classes.
 
     `prompt_cache_key` groups requests that share a long stable prefix, so OpenAI's prompt
-    cache is more likely to serve it.
+    cache is more likely to serve it. `permit`: the provider's admission of this call, told
+    how it ended (a fault that leaves the breaker open comes back as Deferred).
     """
     try:
         completion = await client.chat.completions.create(
@@ -233,7 +237,10 @@ async def complete_json(
             prompt_cache_key=prompt_cache_key or omit,
         )
     except openai.OpenAIError as exc:
-        raise classify_openai_error(exc) from exc
+        error = classify_openai_error(exc)
+        raise (error if permit is None else await permit.failed(error)) from exc
+    if permit is not None:
+        await permit.succeeded()
     return JsonReply(completion, usage_of(completion), max_completion_tokens)
 
 
@@ -287,7 +294,7 @@ def _classify_status(exc: openai.APIStatusError) -> JobError:
                 f"Please try with shorter content. ({tag}: {upstream})"
             )
         wait_s = retry_after_s(exc.response.headers, limit_type=kind)
-        return RateLimited(wait_s, f"OpenAI rate limit reached ({tag})")
+        return RateLimited(wait_s, f"OpenAI rate limit reached ({tag})", provider="openai")
     if status == 400 and code == "context_length_exceeded":
         return PermanentJobError(
             "This content is too long for the AI model. Please try with shorter content."

@@ -8,8 +8,9 @@ For a longer-lived service (module-scoped, or inside an exit stack): `stand_ins(
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -40,6 +41,9 @@ def check_openai(fake: FakeOpenAI) -> None:
 class StandIns:
     openai: FakeOpenAI
     db: FakePostgrest
+    # OpenAI's breaker, rate limit and the budget holds are shared through Redis by name: each
+    # pair of stand-ins gets its own, so tests on one Redis never trip each other's breaker.
+    shared: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}:")
 
     @property
     def env(self) -> dict[str, str]:
@@ -49,6 +53,7 @@ class StandIns:
             "OPENAI_BASE_URL": self.openai.base_url,
             "SUPABASE_URL": self.db.url,
             "SUPABASE_SERVICE_ROLE_KEY": self.db.api_key,
+            "PROTECTION_KEY_PREFIX": self.shared,
         }
 
 

@@ -25,7 +25,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,9 @@ class FakeOpenAI(LocalServer):
         super().__init__()
         self.api_key = api_key
         self.queue: deque[Scripted] = deque()
+        # Answers every request once the queue is empty (an outage that ends at a set time,
+        # a 429 that never lifts); None: such a request is unscripted.
+        self.fallback: Callable[[], Scripted] | None = None
         self.unscripted = 0
         self.schema_mismatches: list[str] = []
         self._ids = itertools.count(1)
@@ -109,13 +112,16 @@ class FakeOpenAI(LocalServer):
                     param="response_format",
                 ),
             )
-        if not self.queue:
+        if self.queue:
+            reply = self.queue.popleft()
+        elif self.fallback is not None:
+            reply = self.fallback()
+        else:
             self.unscripted += 1
             return json_response(
                 500,
                 error_body("fake openai: no scripted reply left for this request", "server_error"),
             )
-        reply = self.queue.popleft()
         await self.pause(reply.delay_s)
         response_id = self._next_id()
         body = reply.body(sent) if callable(reply.body) else reply.body

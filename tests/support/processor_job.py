@@ -13,6 +13,7 @@ from loguru import logger
 
 from worker.context import JobContext
 from worker.contract import Contract
+from worker.keys import rate_key
 from worker.registry import ProcessorSpec
 
 CONTRACT = Contract.load()
@@ -60,3 +61,9 @@ class ProcessorJob:
     async def state(self) -> dict[str, Any]:
         raw = await self.redis.hgetall(self.state_key)
         return {k: json.loads(v) for k, v in raw.items()}
+
+
+async def lift_openai_cooldown(redis: aioredis.Redis, env: dict[str, str]) -> None:
+    """As if a 429's Retry-After had passed: the cooldown it left for every replica expires."""
+    shared = env["PROTECTION_KEY_PREFIX"]
+    await redis.delete(rate_key(shared, "openai", "gpt-4o-mini", "cooldown"))
