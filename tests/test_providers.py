@@ -185,7 +185,7 @@ async def test_a_429_that_never_lifts_fails_each_job_at_the_cap_naming_the_provi
             "The AI service (openai) kept refusing with rate limits (429) for "
         ), job["failedReason"]
         assert f"WORKER_RATE_LIMIT_MAX_WAIT_S ({cap_s:g} s)" in job["failedReason"]
-    assert cap_s - 0.5 < took < cap_s + 5
+    assert cap_s - 0.5 < took < cap_s + 8  # slack: 7.45 s seen with both cores busy
     # The cooldown a 429 leaves parks the other jobs without a call: about one call per
     # Retry-After, not one per job (jobs x cap / Retry-After = 12 without it).
     assert openai_fake.calls <= jobs + 2 * cap_s / retry_after_s, openai_fake.calls
