@@ -11,6 +11,17 @@ def bull_key(prefix: str, queue: str, *parts: str) -> str:
     return ":".join((prefix, queue, *parts))
 
 
+def hash_tag(prefix: str) -> str | None:
+    """The Redis Cluster hash tag a prefix gives every key of its queues (`{bull}` -> `bull`),
+    or None. Redis hashes only what lies between the first `{` and the next `}` when that is
+    not empty; the tag must lie within the prefix, so that a queue's keys share one slot."""
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    if start < 0 or end <= start + 1:
+        return None
+    return prefix[start + 1 : end]
+
+
 def job_state_key(prefix: str, queue: str, job_id: str) -> str:
     """Per-job scratch state kept beside the job (resumable processors); removed with it by TTL."""
     return bull_key(prefix, queue, job_id, "py-state")

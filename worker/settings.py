@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from worker.errors import ConfigError, ConfigProblems
+from worker.keys import hash_tag
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
@@ -30,6 +31,9 @@ class RedisSettings:
     # asked for by REDIS_TLS_INSECURE=true, no verification at all (self-signed test setups).
     tls_ca_file: str | None = None
     tls_insecure: bool = False
+    # Redis Cluster: REDIS_CLUSTER=true, or found at start-up (INFO `cluster_enabled:1`). The
+    # URL is any one node; the prefix must then carry a hash tag (`{bull}`), as BullMQ requires.
+    cluster: bool = False
 
     def connection_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `redis.asyncio.Redis` (and bullmq's dict connection). A pool
@@ -175,8 +179,29 @@ class Settings:
             ai_prices=parse_ai_prices(reader.text("WORKER_AI_PRICES", "")),
             rate_limit_max_wait_s=reader.number("WORKER_RATE_LIMIT_MAX_WAIT_S", 3600.0, low=0.0),
         )
+        if settings.redis.cluster and (
+            problem := settings.cluster_prefix_problem("REDIS_CLUSTER=true")
+        ):
+            reader.problems.add("WORKER_PREFIX", problem)
         reader.problems.raise_any()
         return settings
+
+    def cluster_prefix_problem(self, why: str) -> str | None:
+        """Why the prefix cannot be used on a Redis Cluster, or None. BullMQ's scripts touch many
+        keys of a queue at once; a cluster runs them only when every key hashes to one slot,
+        which a hash tag in the prefix (`{bull}`: only `bull` is hashed) guarantees."""
+        if hash_tag(self.prefix) is not None:
+            return None
+        return (
+            f"{self.prefix!r} has no hash tag, and the server is a Redis Cluster ({why}): the "
+            f"queue's keys would land in different slots and BullMQ's scripts would fail "
+            f"(CROSSSLOT). Use a prefix with a hash tag, e.g. WORKER_PREFIX={{{self.prefix}}}, "
+            f"and the same prefix in the web service's Queue"
+        )
+
+    def cluster_error(self, why: str) -> ConfigError | None:
+        problem = self.cluster_prefix_problem(why)
+        return ConfigError("WORKER_PREFIX", problem) if problem else None
 
     def health_port_error(self, exc: OSError) -> ConfigError:
         """A health port that cannot be bound is a setting to change: say which one."""
@@ -279,8 +304,13 @@ def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
         reader.problems.add(
             "REDIS_TLS_INSECURE", f"set, but {redis.source} is not TLS: use rediss://"
         )
+    cluster = reader.choice("REDIS_CLUSTER", "false", _BOOLEAN) in ("true", "1")
+    if cluster and redis.db:
+        reader.problems.add(
+            "REDIS_CLUSTER", f"a cluster has database 0 only; {redis.source} asks for /{redis.db}"
+        )
     reader.problems.raise_any()
-    return replace(redis, tls_ca_file=ca_file, tls_insecure=insecure)
+    return replace(redis, tls_ca_file=ca_file, tls_insecure=insecure, cluster=cluster)
 
 
 _BOOLEAN = ("true", "false", "1", "0")
