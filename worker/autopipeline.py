@@ -49,11 +49,14 @@ class AutoPipelinedScript:
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
         self._idle: list[AbstractConnection] = []  # lanes' connections not in use
+        # A cluster client: no lanes (a lane is one node's connection, and the slot may move);
+        # each call goes through the client, which follows MOVED and ASK.
+        self.direct = not isinstance(script.registered_client, Redis)
 
     async def __call__(
         self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None
     ) -> Any:
-        if client is not None:  # an explicit client or pipeline: not ours to batch
+        if client is not None or self.direct:  # an explicit client or pipeline: not ours
             return await self.script(keys=keys, args=args, client=client)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()

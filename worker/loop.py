@@ -21,13 +21,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from worker.backoff import RedisBackoff
 from worker.dispatch import Dispatcher
-from worker.errors import Deferred, PermanentJobError
+from worker.errors import ConfigError, Deferred, PermanentJobError
 from worker.joblog import JobLog
-from worker.keys import refused_wait_key, worker_alive_key, worker_runs_key
+from worker.keys import hash_tag, refused_wait_key, worker_alive_key, worker_runs_key
 from worker.logs import job_line, job_lines_on
 from worker.metrics import Metrics
 from worker.protocol import (
@@ -131,9 +131,10 @@ class JobLoop:
         except RedisUnreachable as exc:
             raise RedisUnavailable(f"Redis not usable at start-up: {exc}") from exc
         logger.info("Redis server: {}", server_identity(info))
+        self._use_cluster_if(info)
         try:
             await asyncio.wait_for(self._connect(), timeout=max(deadline - time.monotonic(), 1))
-        except (TimeoutError, OSError, RedisError) as exc:
+        except (TimeoutError, OSError, RedisError, RedisClusterException) as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise RedisUnavailable(
                 f"Redis not usable at start-up (gave up within {connect_timeout_s:g} s): {detail}"
@@ -144,6 +145,29 @@ class JobLoop:
             self._own(self._keep_heartbeat())
         for _ in range(self.settings.concurrency):
             self._spawn_slot()
+
+    def _use_cluster_if(self, info: dict[str, Any]) -> None:
+        """A Redis Cluster (INFO `cluster_enabled:1`, or REDIS_CLUSTER=true): the cluster
+        client, once the prefix is known to keep the queue in one slot; else ConfigError."""
+        found = str(info.get("cluster_enabled", "0")) == "1"
+        s = self.settings
+        if s.redis.cluster and not found:
+            raise ConfigError(
+                "REDIS_CLUSTER",
+                f"true, but the server at {s.redis.host}:{s.redis.port} is not a cluster node "
+                f"(INFO cluster_enabled:0): unset REDIS_CLUSTER",
+            )
+        if not found:
+            return
+        if error := s.cluster_error("INFO cluster_enabled:1"):
+            raise error
+        self.protocol.use_cluster()
+        self.dispatcher.redis = self.protocol.redis
+        logger.info(
+            "Redis Cluster: queue {} on the slot of hash tag {{{}}}",
+            s.queue,
+            hash_tag(s.prefix),
+        )
 
     async def _connect(self) -> None:
         await self.protocol.connect()

@@ -11,6 +11,7 @@ arguments Node's worker passes, so what Redis sees is what a Node worker would w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -21,7 +22,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 from bullmq import Queue
@@ -29,10 +30,11 @@ from bullmq.job import optsDecodeMap
 from bullmq.queue_keys import QueueKeys
 from bullmq.redis_connection import loadScript
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+from redis.exceptions import AskError, BusyLoadingError, MovedError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -438,6 +440,9 @@ class QueueProtocol:
         self.max_metrics_size: int | str = settings.metrics_max_data_points or ""
         self.worker_name = worker_name
         self.client_name = client_name(settings.prefix, settings.queue, worker_name)
+        self._settings = settings
+        self.cluster = False
+        self._blocking_at: tuple[str, int] | None = None  # cluster: the node of the marker's slot
         kwargs = _redis_kwargs(settings)
         # Its connection class is the lanes' too (autopipeline: `pool.make_connection()`).
         pool = BlockingConnectionPool(
@@ -452,20 +457,54 @@ class QueueProtocol:
         self.blocking: Redis = Redis(
             single_connection_client=True, client_name=self.client_name, **kwargs
         )
+        self._fixed_finished_keys: dict[str, list[bytes]] = {}
+        self._marker_b = self.keys["marker"].encode()
+        self._prefix_b = self.key_prefix.encode()
+        self._register_scripts()
+        self._reset_at = 0.0
+        if settings.redis.cluster:
+            self.use_cluster()
+
+    def _register_scripts(self) -> None:
         self.scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(loadScript(file)) for name, file in SCRIPTS.items()
         }
         self.push_logs = self.redis.register_script(PUSH_LOGS)
         # Every completion and failure of every slot runs this script: batch it when busy. One
-        # lane less than the pool leaves a socket for lock renewal and the rest.
-        self._fixed_finished_keys: dict[str, list[bytes]] = {}
-        self._marker_b = self.keys["marker"].encode()
-        self._prefix_b = self.key_prefix.encode()
+        # lane less than the pool leaves a socket for lock renewal and the rest. On a cluster the
+        # calls go through the cluster client one by one (autopipeline: `direct`).
         finish = FINISH_WITH_LOGS_PRELUDE + loadScript(SCRIPTS["moveToFinished"])
         self.move_to_finished = AutoPipelinedScript(
             self.redis.register_script(finish), max_in_flight=COMMAND_CONNECTIONS - 1
         )
-        self._reset_at = 0.0
+
+    def use_cluster(self) -> None:
+        """Speak to a Redis Cluster, before `connect`: commands and scripts through redis-py's
+        cluster client (which follows MOVED and ASK), the blocking wait on a connection of its
+        own to the node that owns the queue's slot (`wait_for_job`). The prefix's hash tag
+        (settings.cluster_prefix_problem) puts every key of the queue in that one slot."""
+        if self.cluster:
+            return
+        self.cluster = True
+        settings = self._settings
+        kwargs = {**_redis_kwargs(settings), **command_socket_options()}
+        kwargs.pop("db", None)
+        kwargs.pop("retry_on_error", None)
+        # Redirections (MOVED, ASK, TRYAGAIN while a slot migrates) are retried by the client
+        # itself; this retry is for connection errors: a node that went away.
+        kwargs["retry"] = Retry(ExponentialBackoff(cap=2, base=0.1), 6)
+        # The command surface used here (commands, scripts, pipelines) is the same on both.
+        self.redis = cast("Redis", RedisCluster(**kwargs))
+        self._register_scripts()
+        self.blocking = self._blocking_client(settings.redis.host, settings.redis.port)
+        self._blocking_at = None
+
+    def _blocking_client(self, host: str, port: int) -> Redis:
+        kwargs = _redis_kwargs(self._settings)
+        kwargs.update(host=host, port=port)
+        if self.cluster:  # a node that went away: say so soon, the owner is looked up again
+            kwargs["retry"] = Retry(ExponentialBackoff(cap=1, base=0.1), 2)
+        return Redis(single_connection_client=True, client_name=self.client_name, **kwargs)
 
     def key(self, *parts: str) -> str:
         return bull_key(self.prefix, self.queue, *parts)
@@ -485,9 +524,32 @@ class QueueProtocol:
     async def connect(self) -> str:
         """Open the blocking connection (named: what `queue.getWorkers()` lists), check both
         connections answer; returns the server version."""
+        if self.cluster:
+            await self._cluster_client().initialize()
+            await self._blocking_on_owner()
+            await self.blocking.ping()
+            info = await self.blocking.info("server")
+            return str(info.get("redis_version", "?"))
         await self.blocking.ping()
         info = await self.redis.info("server")
         return str(info.get("redis_version", "?"))
+
+    def _cluster_client(self) -> RedisCluster:
+        return cast("RedisCluster", self.redis)
+
+    async def _blocking_on_owner(self, at: tuple[str, int] | None = None) -> None:
+        """Point the blocking connection at the node owning the marker's slot: `at` (a MOVED
+        named it), else the owner in the cluster client's slot table."""
+        if at is None:
+            node = self._cluster_client().get_node_from_key(self.keys["marker"])
+            if node is None:
+                raise RedisConnectionError(f"no node owns the slot of {self.keys['marker']}")
+            at = (str(node.host), int(node.port))
+        if at == self._blocking_at:
+            return
+        old, self.blocking = self.blocking, self._blocking_client(*at)
+        self._blocking_at = at
+        await _close_quietly(old)
 
     async def reset_connections(self) -> bool:
         """Close every connection (pool, lanes, blocking); each is made again on its next use.
@@ -499,7 +561,11 @@ class QueueProtocol:
             return False
         self._reset_at = now
         await self.move_to_finished.drop_idle()
-        await self.redis.connection_pool.disconnect()
+        if self.cluster:
+            await self.redis.aclose()  # the slot table too: read again on the next command
+            self._blocking_at = None
+        else:
+            await self.redis.connection_pool.disconnect()
         if self.blocking.connection is not None:
             await self.blocking.connection.disconnect()
         return True
@@ -514,7 +580,32 @@ class QueueProtocol:
     async def wait_for_job(self, timeout_s: float) -> int | None:
         """Block on the marker (BZPOPMIN) until a job may be ready: returns the marker's score
         (0 = a job waits now, else the timestamp of the next delayed job), or None."""
+        if self.cluster:
+            return await self._wait_on_owner(timeout_s)
         reply = await self.blocking.bzpopmin(self.keys["marker"], max(timeout_s, 0.001))
+        if not reply:
+            return None
+        return int(float(reply[2]))
+
+    async def _wait_on_owner(self, timeout_s: float) -> int | None:
+        """The blocking wait on a cluster: on the node that owns the queue's slot. A MOVED (the
+        slot migrated; Redis also ends a wait blocked on a slot it gives away) points it at the
+        new owner; an ASK (mid-migration) or a lost connection looks the owner up again. None:
+        no marker taken, the caller asks moveToActive (through the cluster client) anyway."""
+        try:
+            await self._blocking_on_owner(self._blocking_at)
+            reply = await self.blocking.bzpopmin(self.keys["marker"], max(timeout_s, 0.001))
+        except MovedError as exc:
+            await self._blocking_on_owner((exc.host, int(exc.port)))
+            return None
+        except AskError:
+            self._blocking_at = None  # the slot is on its way: wait on whoever owns it after
+            await asyncio.sleep(0.05)
+            return None
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            self._blocking_at = None
+            await _close_quietly(self.blocking)
+            raise
         if not reply:
             return None
         return int(float(reply[2]))
@@ -683,6 +774,13 @@ class QueueProtocol:
         lines = log.take() if log is not None else []
         if log is None or not lines:
             return await script(keys=keys, args=args)
+        if self.cluster:  # scripts in a cluster pipeline are not reloaded after NOSCRIPT
+            log_keys = [self.key(job_id), self.key(job_id, "logs")]
+            try:
+                await self.push_logs(keys=log_keys, args=[log.keep, *lines])
+            except ResponseError:
+                pass  # a lost log line is no error
+            return await script(keys=keys, args=args)
         async with self.redis.pipeline(transaction=False) as pipe:
             log_keys = [self.key(job_id), self.key(job_id, "logs")]
             await self.push_logs(keys=log_keys, args=[log.keep, *lines], client=pipe)
@@ -763,6 +861,13 @@ class QueueProtocol:
             replies = await pipe.execute()
         counts = dict(zip(("waiting", *lists, *sets), (int(n) for n in replies), strict=False))
         return counts, bool(replies[-2]), max(int(replies[-1]), 0)
+
+
+async def _close_quietly(client: Redis) -> None:
+    try:
+        await client.aclose()
+    except Exception:  # closing a broken connection: nothing left to do
+        pass
 
 
 class JobLost(RuntimeError):

@@ -5,7 +5,7 @@
 // Nothing but protocol lines goes to stdout; diagnostics go to stderr.
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
-import { Redis } from 'ioredis';
+import { Cluster, Redis } from 'ioredis';
 
 // Keep stdout clean even if a library logs.
 console.log = console.info = console.warn = console.debug = (...args) => console.error(...args);
@@ -21,9 +21,19 @@ const bullmqVersion = JSON.parse(
   readFileSync(new URL(`./node_modules/${pkg}/package.json`, import.meta.url), 'utf8'),
 ).version;
 
-const redis = new Redis(process.env.REDIS_URL ?? 'redis://127.0.0.1:6379', {
-  maxRetriesPerRequest: null,
-});
+// REDIS_CLUSTER=true: REDIS_URL is one node of a Redis Cluster, reached as the web service would
+// reach one (ioredis `Cluster`; the queue's prefix then needs a hash tag, e.g. `{bull}`).
+function connect() {
+  const url = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+  if (process.env.REDIS_CLUSTER === 'true') {
+    const { hostname, port } = new URL(url);
+    return new Cluster([{ host: hostname, port: Number(port || 6379) }], {
+      redisOptions: { maxRetriesPerRequest: null },
+    });
+  }
+  return new Redis(url, { maxRetriesPerRequest: null });
+}
+const redis = connect();
 redis.on('error', (err) => console.error(`bridge: redis error: ${err.message}`));
 
 // The web service's default job options (INTEROP §1).

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +122,67 @@ def session_redis() -> Iterator[str]:
         return
     with private_redis() as private:
         yield private
+
+
+@contextmanager
+def private_cluster(masters: int = 3) -> Iterator[list[str]]:
+    """A Redis Cluster of `masters` private `redis-server --cluster-enabled yes` (no replicas),
+    formed by `redis-cli --cluster create`; yields the nodes' URLs once every slot is served."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise RuntimeError("redis-cli not found: apt-get install redis-tools")
+    args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "5000")  # fmt: skip
+    with ExitStack() as stack:
+        # the bus port (default: port + 10000) may be past 65535: one of its own for each node
+        urls = [stack.enter_context(private_redis(args=(*args, "--cluster-port", str(free_port()))))
+                for _ in range(masters)]  # fmt: skip
+        addresses = [url.removeprefix("redis://") for url in urls]
+        subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not all(_cluster_ok(url) for url in urls):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the test cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        yield urls
+
+
+def _cluster_ok(url: str) -> bool:
+    with redis.Redis.from_url(url, decode_responses=True) as r:
+        info = r.execute_command("CLUSTER", "INFO")
+        text = info if isinstance(info, str) else str(info)
+        return "cluster_state:ok" in text and "cluster_known_nodes:" in text
+
+
+def slot_owner(urls: Sequence[str], slot: int) -> str:
+    """The URL of the master serving `slot`."""
+    with redis.Redis.from_url(urls[0], decode_responses=True) as r:
+        for start, end, primary, *_ in r.execute_command("CLUSTER", "SLOTS"):
+            if int(start) <= slot <= int(end):
+                return f"redis://{primary[0]}:{primary[1]}"
+    raise RuntimeError(f"no node serves slot {slot}")
+
+
+def migrate_slot(urls: Sequence[str], slot: int, target: str, batch: int = 10) -> int:
+    """Move `slot` to the master at `target` as `redis-cli --cluster reshard` does: IMPORTING on
+    the target, MIGRATING on the source, MIGRATE its keys `batch` at a time (clients meanwhile
+    meet ASK and TRYAGAIN), then SETSLOT NODE on every master. Returns the keys moved."""
+    source = slot_owner(urls, slot)
+    clients = {url: redis.Redis.from_url(url, decode_responses=True) for url in urls}
+    try:
+        ids = {url: str(c.execute_command("CLUSTER", "MYID")) for url, c in clients.items()}
+        src, dst = clients[source], clients[target]
+        host, port = target.removeprefix("redis://").split(":")
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+        moved = 0
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+            src.execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for url in [target, source, *(u for u in urls if u not in (source, target))]:
+            clients[url].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+        return moved
+    finally:
+        for c in clients.values():
+            c.close()
