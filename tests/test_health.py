@@ -134,7 +134,7 @@ async def test_ready_stays_200_while_the_queue_waits_out_a_rate_limit(
 ) -> None:
     settings = settings_for(redis_url, queue_name, WORKER_READY_STALL_S=1)
     async with running_service(settings) as service:
-        await service.worker.protocol.rate_limit(8000)  # what a 429 from OpenAI does
+        await service.worker.protocol.rate_limit(8000)  # Node's queue.rateLimit on a 429
         await node6.add(queue_name, "ping", {})
         await asyncio.sleep(1.5)
         status, body = await get(service.health.port, "/ready")

@@ -30,7 +30,7 @@ class QueueProbe:
 
     waiting: int
     paused: bool
-    rate_limited_ms: int = 0  # PTTL of the queue's limiter key: > 0 while a 429 pause lasts
+    rate_limited_ms: int = 0  # PTTL of the queue's limiter key: > 0 while queue.rateLimit() lasts
     # What the worker's own Redis calls meet now (worker/backoff.py): reads may answer while
     # writes fail (a read-only replica after a failover).
     redis_problem: str | None = None
@@ -157,7 +157,7 @@ class HealthServer:
         if probe.paused:
             return True, "queue paused by an operator"
         if probe.rate_limited_ms > 1000:
-            # Waiting out an upstream 429 (queue.rateLimit) is not a worker that stopped.
+            # Paused by queue.rateLimit (a Node worker meeting a 429): not a stopped worker.
             return True, f"queue rate-limited for {probe.rate_limited_ms / 1000:.0f} s more"
         last = self.stats.last_pickup_monotonic or self.stats.started_monotonic
         idle_s = time.monotonic() - last
