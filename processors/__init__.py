@@ -2,7 +2,8 @@
 
 Each module exposes `JOB_NAME` and `build(env) -> ProcessorSpec`. `build` reads what the
 processor needs from `env` (a plain mapping, never `os.environ` directly) and raises
-`ConfigError` naming the variable when a credential is missing.
+`ConfigError` naming the variable when a credential is missing. A job type whose provider is
+optional raises `ProviderMissing` instead: it is registered as disabled, and start-up goes on.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable, Mapping
 
-from worker.errors import ConfigError, ConfigProblems
+from worker.errors import ConfigError, ConfigProblems, ProviderMissing
 from worker.registry import ProcessorSpec, Registry
 
 # Module names under processors/, in the order they are listed by `check`.
-MODULES: tuple[str, ...] = ("ping", "generate_flashcards", "generate_lesson")
+MODULES: tuple[str, ...] = ("ping", "generate_flashcards", "generate_lesson", "process_image")
 
 
 def build_each(
@@ -43,8 +44,10 @@ def build_registry(env: Mapping[str, str], only: Iterable[str] | None = None) ->
     lists every problem of every processor at once."""
     registry = Registry()
     problems = ConfigProblems()
-    for _, spec in build_each(env, only):
-        if isinstance(spec, ConfigError):
+    for name, spec in build_each(env, only):
+        if isinstance(spec, ProviderMissing):
+            registry.disable(name, spec.sentence)
+        elif isinstance(spec, ConfigError):
             problems.errors.extend(e for e in spec.each if str(e) not in map(str, problems.errors))
         else:
             registry.register(spec)

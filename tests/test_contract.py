@@ -18,7 +18,7 @@ from worker.contract import KINDS, Contract, Kind, json_type
 from worker.errors import ContractViolation, InvalidPayload, UnknownJobType
 
 ROOT = contract_module.DEFAULT_ROOT
-JOB_NAMES = ["generate-flashcards", "generate-lesson", "ping"]
+JOB_NAMES = ["generate-flashcards", "generate-lesson", "ping", "process-image"]
 CONTRACT = Contract.load()
 
 
@@ -280,6 +280,11 @@ TYPED: list[tuple[type, str, Kind, str]] = [
     ),
     (ct.PingPayload, "ping", "payload", ""),
     (ct.PingResult, "ping", "result", ""),
+    (ct.ImagePayload, "process-image", "payload", ""),
+    (ct.ImageResult, "process-image", "result", ""),
+    (ct.ImagePoint, "process-image", "result", "/$defs/point"),
+    (ct.ImageLine, "process-image", "result", "/$defs/line"),
+    (ct.ImageWord, "process-image", "result", "/$defs/line/properties/words/items"),
     (ct.WorkerIdentity, "ping", "result", "/properties/worker"),
 ]
 

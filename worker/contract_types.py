@@ -136,3 +136,35 @@ class PingResult(TypedDict):
     jobId: str
     attempt: int  # 1-based
     worker: WorkerIdentity
+
+
+# --- process-image -------------------------------------------------------------------
+
+
+class ImagePayload(TypedDict):
+    userId: str
+    imageUrl: NotRequired[str]  # either imageUrl or storageBucket + storagePath
+    storageBucket: NotRequired[str]
+    storagePath: NotRequired[str]
+
+
+class ImagePoint(TypedDict):
+    x: int
+    y: int
+
+
+class ImageWord(TypedDict):
+    text: str
+    confidence: float  # 0..1
+
+
+class ImageLine(TypedDict):
+    text: str
+    boundingPolygon: list[ImagePoint]
+    words: list[ImageWord]
+
+
+class ImageResult(TypedDict):
+    success: Literal[True]
+    text: str  # the lines' text joined by newlines
+    lines: list[ImageLine]

@@ -2,10 +2,13 @@
 
     WorkerError
     ├── ConfigError              bad or missing setting at start-up; names the variable
-    │   └── ConfigErrors         several at once, each naming its variable (`each`)
+    │   ├── ConfigErrors         several at once, each naming its variable (`each`)
+    │   └── ProviderMissing      an optional provider's credentials absent: its job type is
+    │                            not built, listed as disabled (start-up goes on)
     └── JobError                 raised while a job runs
         ├── PermanentJobError    fail the job now, no retry (BullMQ UnrecoverableError)
         │   ├── UnknownJobType   no processor registered for the job's name
+        │   ├── JobTypeDisabled  its provider is not configured here; names the variables
         │   ├── InvalidPayload   payload breaks its contract schema; names the field path
         │   └── ContractViolation  a processor returned a result that breaks the contract (a bug)
         ├── RetryableJobError    transient: retried per the job's own attempts/backoff
@@ -61,6 +64,19 @@ class ConfigErrors(ConfigError):
         return list(self.errors)
 
 
+class ProviderMissing(ConfigError):
+    """An optional provider is not configured: the job type is disabled, not a start-up failure.
+
+    The message is the sentence start-up, `check` and a job of that type all show."""
+
+    def __init__(self, job_name: str, provider: str, variables: Sequence[str]) -> None:
+        names = " and ".join(variables)
+        problem = f"{job_name} is disabled: {provider} is not configured (set {names})"
+        super().__init__(names, problem)
+        self.job_name = job_name
+        self.sentence = self.problem
+
+
 class ConfigProblems:
     """Collects ConfigErrors while reading settings, to raise them all at the end."""
 
@@ -97,6 +113,14 @@ class UnknownJobType(PermanentJobError):
     def __init__(self, name: str) -> None:
         # Exact wording is part of the contract with the web service (INTEROP §4).
         super().__init__(f"Unknown job type: {name}")
+        self.job_name = name
+
+
+class JobTypeDisabled(PermanentJobError):
+    """A job type this worker knows but did not build: its provider's variables are absent."""
+
+    def __init__(self, name: str, sentence: str) -> None:
+        super().__init__(sentence)
         self.job_name = name
 
 

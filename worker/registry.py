@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.context import JobContext
-from worker.errors import UnknownJobType
+from worker.errors import JobTypeDisabled, UnknownJobType
 
 Handler = Callable[[dict[str, Any], JobContext], Awaitable[Any] | Any]
 
@@ -47,6 +47,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._specs: dict[str, ProcessorSpec] = {}
+        # Job types known but not built (an optional provider's variables absent): name → why.
+        self.disabled: dict[str, str] = {}
 
     def register(self, spec: ProcessorSpec) -> ProcessorSpec:
         if not spec.name or spec.name != spec.name.strip():
@@ -56,10 +58,16 @@ class Registry:
         self._specs[spec.name] = spec
         return spec
 
+    def disable(self, name: str, sentence: str) -> None:
+        """Know `name` without a processor: its jobs fail at once with `sentence`."""
+        self.disabled[name] = sentence
+
     def get(self, name: str) -> ProcessorSpec:
         try:
             return self._specs[name]
         except KeyError:
+            if name in self.disabled:
+                raise JobTypeDisabled(name, self.disabled[name]) from None
             raise UnknownJobType(name) from None
 
     def names(self) -> list[str]:

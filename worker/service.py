@@ -162,6 +162,8 @@ class Service:
         elif s.redis.tls:
             logger.info("Redis connection: {}", s.redis.tls_mode)
         logger.info("Job types: {}", ", ".join(self.registry.names()))
+        for sentence in self.registry.disabled.values():
+            logger.warning("Job type {}", sentence)
         for spec in self.registry:
             for note in spec.notes:
                 logger.warning("{}: {}", spec.name, note)

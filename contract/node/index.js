@@ -12,4 +12,10 @@ export {
 export { examples } from './src/examples.js';
 export { IDEMPOTENT_JOB_TYPES, idempotencyKey } from './src/idempotency.js';
 export { PRIORITY, priorityOf } from './src/priority.js';
-export { ContractError, DEFAULT_JOB_OPTIONS, enqueue, makeJobId } from './src/enqueue.js';
+export {
+  ContractError,
+  DEFAULT_JOB_OPTIONS,
+  enqueue,
+  enqueueProcessImage,
+  makeJobId,
+} from './src/enqueue.js';

@@ -54,3 +54,11 @@ export async function enqueue(queue, name, payload, opts = {}) {
   if (IDEMPOTENT_JOB_TYPES.includes(name)) jobOpts.idempotencyKey ??= idempotencyKey(name, payload);
   return queue.add(name, payload, jobOpts);
 }
+
+/**
+ * Enqueue a `process-image` job (queue `ai-jobs`): `{userId, imageUrl}` or
+ * `{userId, storageBucket, storagePath}`; same job id format and defaults as `enqueue`.
+ */
+export function enqueueProcessImage(queue, payload, opts = {}) {
+  return enqueue(queue, 'process-image', payload, opts);
+}

@@ -5,6 +5,7 @@ import {
   DEFAULT_JOB_OPTIONS,
   PRIORITY,
   enqueue,
+  enqueueProcessImage,
   examples,
   idempotencyKey,
   makeJobId,
@@ -92,4 +93,18 @@ test('job ids: <name>-<Date.now()>-<4 to 6 base-36 chars>', () => {
     lengths.add(id.split('-').at(-1).length);
   }
   assert.deepEqual([...lengths].sort(), [4, 5, 6]);
+});
+
+test('enqueueProcessImage: web service job id and defaults, no idempotency key', async () => {
+  const queue = fakeQueue();
+  const payload = { userId: 'u-1', imageUrl: 'https://images.example/page.png' };
+  await enqueueProcessImage(queue, payload);
+  const [{ name, data, opts }] = queue.added;
+  assert.equal(name, 'process-image');
+  assert.deepEqual(data, payload);
+  assert.match(opts.jobId, /^process-image-\d{13}-[0-9a-z]{4,6}$/);
+  assert.equal(opts.attempts, DEFAULT_JOB_OPTIONS.attempts);
+  assert.equal(opts.priority, PRIORITY.NORMAL);
+  assert.equal(opts.idempotencyKey, undefined);
+  await assert.rejects(enqueueProcessImage(fakeQueue(), { userId: 'u-1' }), ContractError);
 });

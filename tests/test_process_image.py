@@ -1,0 +1,136 @@
+"""process-image end to end: the Node package's enqueue, the real service and BullMQ, the real
+`azure-ai-vision-imageanalysis` SDK against a local Azure AI Vision stand-in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from processors import build_registry
+from processors import process_image as pi
+from tests.fakes.azure_vision_server import (
+    KEY,
+    FakeAzureVision,
+    image_too_large,
+    rate_limited,
+    read_result,
+    server_error,
+)
+from tests.support.harness import running_service, settings_for
+from tests.support.node_bridge import NodeBridge
+from worker.errors import JobTypeDisabled, ProviderMissing
+from worker.registry import Registry
+
+USER_ID = "0b6f3c2e-8d4a-4f1b-9c7e-2a5d8e1f4b60"
+
+
+def payload() -> dict[str, Any]:
+    return {"userId": USER_ID, "imageUrl": f"https://images.example/{time.time_ns()}.png"}
+
+
+class World:
+    def __init__(self, azure: FakeAzureVision, queue: str) -> None:
+        self.azure = azure
+        self.queue = queue
+
+
+def env_for(azure: FakeAzureVision, key: str = KEY) -> dict[str, str]:
+    return {
+        "AZURE_VISION_ENDPOINT": azure.origin,
+        "AZURE_VISION_KEY": key,
+        "PROTECTION_KEY_PREFIX": f"t{time.time_ns()}:",
+    }
+
+
+@pytest.fixture
+async def world(redis_url: str, queue_name: str) -> AsyncIterator[World]:
+    async with FakeAzureVision() as azure:
+        registry = Registry()
+        registry.register(pi.build(env_for(azure)))
+        async with running_service(settings_for(redis_url, queue_name), registry):
+            yield World(azure, queue_name)
+
+
+async def run(node: NodeBridge, queue: str, data: dict[str, Any]) -> dict[str, Any]:
+    added = await node.contract_enqueue(queue, pi.JOB_NAME, data)
+    assert "id" in added, added
+    assert added["id"].startswith(f"{pi.JOB_NAME}-")  # the web service's job id format
+    return await node.wait_finished(queue, added["id"], timeout_ms=30000)
+
+
+async def test_reads_the_text_end_to_end(world: World, node6: NodeBridge) -> None:
+    world.azure.script(read_result("Photosynthesis", "light to sugar"))
+    data = payload()
+    job = await run(node6, world.queue, data)
+    assert job["state"] == "completed", job
+    result = job["returnvalue"]
+    assert (await node6.validate("result", pi.JOB_NAME, result))["valid"]
+    assert result["text"] == "Photosynthesis\nlight to sugar"
+    assert [w["text"] for w in result["lines"][1]["words"]] == ["light", "to", "sugar"]
+    assert result["lines"][0]["boundingPolygon"][0] == {"x": 10, "y": 10}
+    (sent,) = world.azure.requests
+    assert sent.body == {"url": data["imageUrl"]} and sent.param("features") == "read"
+    assert sent.header("Ocp-Apim-Subscription-Key") == KEY
+
+
+async def test_rate_limit_waits_without_using_an_attempt(world: World, node6: NodeBridge) -> None:
+    world.azure.script(rate_limited(1), read_result("after the wait"))
+    job = await run(node6, world.queue, payload())
+    assert job["state"] == "completed", job
+    assert job["attemptsMade"] == 1 and world.azure.calls == 2
+    first, second = world.azure.requests
+    assert second.at - first.at >= 0.9  # Retry-After waited out
+
+
+async def test_server_error_is_retried(world: World, node6: NodeBridge) -> None:
+    world.azure.script(server_error(500), read_result("second try"))
+    job = await run(node6, world.queue, payload())
+    assert job["state"] == "completed", job
+    assert job["attemptsMade"] == 2 and world.azure.calls == 2  # the SDK itself did not retry
+
+
+async def test_image_over_the_size_limit_fails_at_once(world: World, node6: NodeBridge) -> None:
+    world.azure.script(image_too_large())
+    job = await run(node6, world.queue, payload())
+    assert job["state"] == "failed" and job["attemptsMade"] == 1, job
+    assert "too large" in job["failedReason"] and "20 MB" in job["failedReason"]
+
+
+async def test_storage_variant_says_not_supported_yet(world: World, node6: NodeBridge) -> None:
+    data = {"userId": USER_ID, "storageBucket": "uploads", "storagePath": "a/b.png"}
+    job = await run(node6, world.queue, data)
+    assert job["state"] == "failed" and job["attemptsMade"] == 1, job
+    assert "not supported yet" in job["failedReason"] and world.azure.calls == 0
+
+
+async def test_bad_key_fails_at_once_naming_it(
+    redis_url: str, queue_name: str, node6: NodeBridge
+) -> None:
+    async with FakeAzureVision() as azure:
+        registry = Registry()
+        registry.register(pi.build(env_for(azure, key="wrong-key")))
+        async with running_service(settings_for(redis_url, queue_name), registry):
+            job = await run(node6, queue_name, payload())
+    assert job["state"] == "failed" and job["attemptsMade"] == 1, job
+    assert "401" in job["failedReason"] and "AZURE_VISION_KEY" in job["failedReason"]
+    assert azure.calls == 1
+
+
+async def test_without_variables_the_type_is_disabled(
+    redis_url: str, queue_name: str, node6: NodeBridge
+) -> None:
+    with pytest.raises(ProviderMissing) as missing:
+        pi.build({"AZURE_VISION_ENDPOINT": "https://x.cognitiveservices.azure.com"})
+    sentence = missing.value.sentence
+    assert "AZURE_VISION_ENDPOINT and AZURE_VISION_KEY" in sentence
+    registry = build_registry({}, ["ping", pi.JOB_NAME])  # start-up goes on
+    assert registry.names() == ["ping"] and registry.disabled == {pi.JOB_NAME: sentence}
+    with pytest.raises(JobTypeDisabled, match="process-image is disabled"):
+        registry.get(pi.JOB_NAME)
+    async with running_service(settings_for(redis_url, queue_name), registry):
+        job = await run(node6, queue_name, payload())
+    assert job["state"] == "failed" and job["attemptsMade"] == 1, job
+    assert job["failedReason"] == sentence
