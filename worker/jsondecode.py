@@ -60,18 +60,49 @@ def _loads_iterative(text: str) -> Any:
     while True:
         # A value starts at idx (whitespace before it is already skipped).
         c = s[idx] if idx < n else ""
-        if c == "[" or c == "{":
+        opens = c == "[" or c == "{"
+        if opens:
             # A container goes into its parent (or becomes the root) when it opens: siblings
             # never interleave, so key order and "later duplicate wins" are as at close.
             value = [] if c == "[" else {}
-            if not stack:
-                root = value
+        elif c == '"':
+            value, idx = scanstring(s, idx + 1, True)
+        elif c == "n" and s.startswith("null", idx):
+            value = None
+            idx += 4
+        elif c == "t" and s.startswith("true", idx):
+            value = True
+            idx += 4
+        elif c == "f" and s.startswith("false", idx):
+            value = False
+            idx += 5
+        elif c == "N" and s.startswith("NaN", idx):
+            value = float("nan")
+            idx += 3
+        elif c == "I" and s.startswith("Infinity", idx):
+            value = float("inf")
+            idx += 8
+        elif c == "-" and s.startswith("-Infinity", idx):
+            value = float("-inf")
+            idx += 9
+        else:
+            m = number_match(s, idx)
+            if m is None:
+                raise JSONDecodeError("Expecting value", s, idx)
+            integer, frac, exp = m.groups()
+            # float()/int() of the matched text, as the C scanner does (int() keeps Python's
+            # 4300-digit str->int limit, which json.loads also hits, as ValueError).
+            value = float(m.group()) if frac or exp else int(integer)
+            idx = m.end()
+        if not stack:
+            root = value
+        else:
+            top = stack[-1]
+            if isinstance(top, list):
+                top.append(value)
             else:
-                top = stack[-1]
-                if isinstance(top, list):
-                    top.append(value)
-                else:
-                    top[key] = value
+                top[key] = value
+        if opens:
             stack.append(value)
             idx += 1
             if idx < n and s[idx] in _WS_CHARS:
@@ -87,44 +118,6 @@ def _loads_iterative(text: str) -> Any:
                     continue
                 idx += 1
                 stack.pop()
-        else:
-            if c == '"':
-                value, idx = scanstring(s, idx + 1, True)
-            elif c == "n" and s.startswith("null", idx):
-                value = None
-                idx += 4
-            elif c == "t" and s.startswith("true", idx):
-                value = True
-                idx += 4
-            elif c == "f" and s.startswith("false", idx):
-                value = False
-                idx += 5
-            elif c == "N" and s.startswith("NaN", idx):
-                value = float("nan")
-                idx += 3
-            elif c == "I" and s.startswith("Infinity", idx):
-                value = float("inf")
-                idx += 8
-            elif c == "-" and s.startswith("-Infinity", idx):
-                value = float("-inf")
-                idx += 9
-            else:
-                m = number_match(s, idx)
-                if m is None:
-                    raise JSONDecodeError("Expecting value", s, idx)
-                integer, frac, exp = m.groups()
-                # float()/int() of the matched text, as the C scanner does (int() keeps Python's
-                # 4300-digit str->int limit, which json.loads also hits, as ValueError).
-                value = float(m.group()) if frac or exp else int(integer)
-                idx = m.end()
-            if not stack:
-                root = value
-            else:
-                top = stack[-1]
-                if isinstance(top, list):
-                    top.append(value)
-                else:
-                    top[key] = value
 
         # A value ended at idx: close containers until a "," asks for the next value.
         while True:
