@@ -124,6 +124,19 @@ def child(args: argparse.Namespace) -> None:
     stats = SimpleNamespace(currently_processing=1, processed=0, success_rate="100.00%")
     result = {"ok": True, "echo": "hello"}
 
+    def completed(job_id: str, name: str) -> None:
+        """The completion line, as both variants log it."""
+        duration = 0.0012
+        stats.processed += 1
+        logger.bind(job_id=job_id, job_name=name).opt(lazy=True).info(
+            "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
+            lambda: job_id,
+            lambda: duration,
+            lambda: len(node_json(result).encode()),
+            lambda: stats.processed,
+            lambda: stats.success_rate,
+        )
+
     def two_lines(i: int) -> None:  # --merged: a proposal, not what dispatch.py does
         job_id = f"ping-1712345678901-{i:x}abc"
         name, attempt, max_attempts = "ping", 1, 3
@@ -136,16 +149,7 @@ def child(args: argparse.Namespace) -> None:
                 max_attempts,
                 stats.currently_processing,
             )
-        duration = 0.0012
-        stats.processed += 1
-        logger.bind(job_id=job_id, job_name=name).opt(lazy=True).info(
-            "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
-            lambda: job_id,
-            lambda: duration,
-            lambda: len(node_json(result).encode()),
-            lambda: stats.processed,
-            lambda: stats.success_rate,
-        )
+        completed(job_id, name)
 
     def one_job(i: int) -> None:
         job_id = f"ping-1712345678901-{i:x}abc"
@@ -161,16 +165,7 @@ def child(args: argparse.Namespace) -> None:
                 lambda: max_attempts,
                 _iso_now,
             )
-        duration = 0.0012
-        stats.processed += 1
-        logger.bind(job_id=job_id, job_name=name).opt(lazy=True).info(
-            "Job completed: {} in {:.2f} s, result {} bytes | processed: {}, success rate: {}",
-            lambda: job_id,
-            lambda: duration,
-            lambda: len(node_json(result).encode()),
-            lambda: stats.processed,
-            lambda: stats.success_rate,
-        )
+        completed(job_id, name)
 
     job = two_lines if args.merged else one_job
     if args.io:
