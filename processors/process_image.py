@@ -106,8 +106,10 @@ class ImageProcessor:
                 raise await permit.failed(classify_azure_error(exc)) from exc
             await permit.succeeded()
         result = to_result(analysis)
+        usd = ctx.provider_usage(AZURE_VISION, "images", 1)
         ctx.log.info(
-            "Azure Vision Read: images read 1, {} lines, {} chars",
+            "Azure Vision Read: images read 1 (~${:.4f}), {} lines, {} chars",
+            usd,
             len(result["lines"]),
             len(result["text"]),
         )

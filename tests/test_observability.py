@@ -25,8 +25,10 @@ from tests.support.node_bridge import NodeBridge
 from tests.support.redis_server import private_redis
 from worker.context import JobContext
 from worker.contract import Contract
+from worker.errors import ConfigError
 from worker.registry import ProcessorSpec
 from worker.service import Service
+from worker.settings import parse_provider_prices
 
 
 async def test_get_workers_lists_the_running_worker_once(
@@ -360,6 +362,31 @@ async def test_ai_prices_are_configurable(redis_url: str, queue_name: str) -> No
     cost = "worker_ai_cost_usd_total"
     assert _value(families, cost, job_type="lesson", model="gpt-4o") == pytest.approx(3.5)
     assert _value(families, cost, job_type="lesson", model="other") == pytest.approx(3.0)
+
+
+async def test_provider_prices_are_configurable(redis_url: str, queue_name: str) -> None:
+    settings = settings_for(
+        redis_url, queue_name, WORKER_PROVIDER_PRICES="polly:characters-neural=0.00002,x:y=1"
+    )
+    async with running_service(settings) as service:
+        usd = service.metrics.provider_usage("audio", "polly", "characters-neural", 1500)
+        default = service.metrics.provider_usage("audio", "polly", "characters-standard", 1000)
+        unpriced = service.metrics.provider_usage("audio", "polly", "requests", 3)
+        _, text = await _scrape(service.health.port)
+    assert usd == pytest.approx(0.03) and default == pytest.approx(0.004) and unpriced == 0
+    families = _families(text)
+    units = "worker_provider_usage_total"
+    assert _value(families, units, provider="polly", unit="characters-neural") == 1500
+    assert _value(families, units, provider="polly", unit="requests") == 3
+    cost = "worker_provider_cost_usd_total"
+    assert _value(families, cost, provider="polly", job_type="audio") == pytest.approx(0.034)
+
+
+def test_provider_prices_refuse_a_bad_entry() -> None:
+    with pytest.raises(ConfigError, match="WORKER_PROVIDER_PRICES"):
+        parse_provider_prices("polly=3")
+    with pytest.raises(ConfigError, match="WORKER_PROVIDER_PRICES"):
+        parse_provider_prices("polly:characters-neural=-1")
 
 
 async def _active_is(node: NodeBridge, queue: str, n: int) -> bool:

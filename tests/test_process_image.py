@@ -23,6 +23,7 @@ from tests.support.harness import running_service, settings_for
 from tests.support.node_bridge import NodeBridge
 from worker.errors import JobTypeDisabled, ProviderMissing
 from worker.registry import Registry
+from worker.service import Service
 
 USER_ID = "0b6f3c2e-8d4a-4f1b-9c7e-2a5d8e1f4b60"
 
@@ -32,9 +33,14 @@ def payload() -> dict[str, Any]:
 
 
 class World:
-    def __init__(self, azure: FakeAzureVision, queue: str) -> None:
+    def __init__(self, azure: FakeAzureVision, queue: str, service: Service) -> None:
         self.azure = azure
         self.queue = queue
+        self.service = service
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        labels = {"queue": self.queue, "job_type": pi.JOB_NAME, "provider": "azure-vision"} | labels
+        return self.service.metrics.registry.get_sample_value(name, labels)
 
 
 def env_for(azure: FakeAzureVision, key: str = KEY) -> dict[str, str]:
@@ -50,8 +56,8 @@ async def world(redis_url: str, queue_name: str) -> AsyncIterator[World]:
     async with FakeAzureVision() as azure:
         registry = Registry()
         registry.register(pi.build(env_for(azure)))
-        async with running_service(settings_for(redis_url, queue_name), registry):
-            yield World(azure, queue_name)
+        async with running_service(settings_for(redis_url, queue_name), registry) as service:
+            yield World(azure, queue_name, service)
 
 
 async def run(node: NodeBridge, queue: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -74,6 +80,9 @@ async def test_reads_the_text_end_to_end(world: World, node6: NodeBridge) -> Non
     (sent,) = world.azure.requests
     assert sent.body == {"url": data["imageUrl"]} and sent.param("features") == "read"
     assert sent.header("Ocp-Apim-Subscription-Key") == KEY
+    # one image read, priced at the default $1.50 per 1,000
+    assert world.metric("worker_provider_usage_total", unit="images") == 1
+    assert world.metric("worker_provider_cost_usd_total") == pytest.approx(0.0015)
 
 
 async def test_rate_limit_waits_without_using_an_attempt(world: World, node6: NodeBridge) -> None:

@@ -15,10 +15,18 @@ if TYPE_CHECKING:
 ProgressSetter = Callable[[int | dict[str, Any]], Awaitable[None]]
 # ctx.ai_usage(model, input_tokens, output_tokens): after each billed AI call, for /metrics.
 UsageReporter = Callable[[str, int, int], None]
+# ctx.provider_usage(provider, unit, amount) -> estimated USD: after each billed call of a
+# provider that bills by something else than tokens (images, characters, audio seconds).
+ProviderUsageReporter = Callable[[str, str, float], float]
 
 
 def _no_usage(model: str, input_tokens: int, output_tokens: int) -> None:
     """Where nothing counts tokens (tests that build a context by hand)."""
+
+
+def _no_provider_usage(provider: str, unit: str, amount: float) -> float:
+    """Where nothing counts provider usage (tests that build a context by hand)."""
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class JobContext:
         default_factory=dict
     )  # identity: host, pid, worker id, version
     ai_usage: UsageReporter = _no_usage  # tokens by model: /metrics' tokens and cost counters
+    # images read, characters synthesised, audio seconds assessed: /metrics' usage and cost
+    provider_usage: ProviderUsageReporter = _no_provider_usage
 
     @property
     def is_last_attempt(self) -> bool:

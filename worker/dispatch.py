@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 
-from worker.context import JobContext, UsageReporter
+from worker.context import JobContext, ProviderUsageReporter, UsageReporter
 from worker.errors import JobTimeout
 from worker.joblog import JobLog, JobLogger
 from worker.keys import IDEMPOTENCY_TTL_S, job_state_key
@@ -49,6 +49,7 @@ class Dispatcher:
         job_timeout_s: float,
         redact: Callable[[str], str] = str,
         ai_usage: Callable[[str, str, int, int], None] | None = None,
+        provider_usage: Callable[[str, str, str, float], float] | None = None,
     ) -> None:
         self.registry = registry
         self.contract = contract
@@ -60,6 +61,9 @@ class Dispatcher:
         self.redact = redact  # secrets out of the job's BullMQ log (worker/logs.py Redactor)
         self.ai_usage = ai_usage  # (job type, model, input, output tokens) -> /metrics
         self._usage_of: dict[str, UsageReporter] = {}
+        # (job type, provider, unit, amount) -> USD: /metrics' provider usage and cost
+        self.provider_usage = provider_usage
+        self._provider_usage_of: dict[str, ProviderUsageReporter] = {}
 
     def timeout_for(self, name: str) -> float:
         """WORKER_JOB_TIMEOUT_S, or the processor's own shorter default for its job type."""
@@ -89,6 +93,7 @@ class Dispatcher:
             state_key=self.state_key(job.id),
             worker=self.identity,
             ai_usage=self._usage_reporter(job.name),
+            provider_usage=self._provider_usage_reporter(job.name),
         )
         timeout_s = self.timeout_for(job.name)
         try:
@@ -112,6 +117,15 @@ class Dispatcher:
             reporter = self._usage_of[job_type] = functools.partial(self.ai_usage, job_type)
         return reporter
 
+    def _provider_usage_reporter(self, job_type: str) -> ProviderUsageReporter:
+        reporter = self._provider_usage_of.get(job_type)
+        if reporter is None:
+            if self.provider_usage is None:
+                return _ignore_provider_usage
+            reporter = functools.partial(self.provider_usage, job_type)
+            self._provider_usage_of[job_type] = reporter
+        return reporter
+
     async def _write_idempotency(self, job: ActiveJob, result: Any) -> None:
         """INTEROP §3: SETEX before the job is marked completed; a failure never fails the job."""
         key = job.opts.get("idempotencyKey")
@@ -126,6 +140,11 @@ class Dispatcher:
 
 def _ignore_usage(model: str, input_tokens: int, output_tokens: int) -> None:
     """No metrics to feed (a dispatcher built without them)."""
+
+
+def _ignore_provider_usage(provider: str, unit: str, amount: float) -> float:
+    """No metrics to feed (a dispatcher built without them)."""
+    return 0.0
 
 
 def state_key_for(prefix: str, queue: str) -> Callable[[str], str]:

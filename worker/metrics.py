@@ -3,9 +3,10 @@ service's own (not the library's global one, so one process can hold many servic
 
 Per job, counted as it happens: jobs by queue, job type and outcome; attempt duration and
 queue wait (enqueue -> start) histograms by job type; AI tokens and their estimated cost by
-model and job type. Read at scrape time: BullMQ's job counts by state, the queue's paused and
-rate-limited state (one pipelined round trip to Redis), the in-flight jobs, and the standard
-`process_*` and `python_*` collectors.
+model and job type; other providers' billed units (images read, characters synthesised, audio
+seconds assessed) and their estimated cost by provider and job type. Read at scrape time:
+BullMQ's job counts by state, the queue's paused and rate-limited state (one pipelined round
+trip to Redis), the in-flight jobs, and the standard `process_*` and `python_*` collectors.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Metrics:
         in_flight: Callable[[], float],
         prices: Iterable[tuple[str, float, float]] = (("*", 0.60, 2.40),),
         draining: Callable[[], float] = lambda: 0.0,
+        provider_prices: Iterable[tuple[str, str, float]] = (),
     ) -> None:
         self.queue = queue
         self.registry = CollectorRegistry()
@@ -101,6 +103,19 @@ class Metrics:
             ["queue", "model", "job_type"],
             registry=r,
         )
+        self.provider_units = Counter(
+            "worker_provider_usage",
+            "Units billed by a provider other than the AI tokens, by provider, job type and "
+            "unit (images, characters-standard, characters-neural, audio-seconds)",
+            ["queue", "provider", "job_type", "unit"],
+            registry=r,
+        )
+        self.provider_cost = Counter(
+            "worker_provider_cost_usd",
+            "Estimated cost of those units, in USD (prices: WORKER_PROVIDER_PRICES)",
+            ["queue", "provider", "job_type"],
+            registry=r,
+        )
         in_flight_gauge = Gauge(
             "worker_jobs_in_flight", "Jobs this process runs now", ["queue"], registry=r
         )
@@ -109,6 +124,7 @@ class Metrics:
             "worker_draining", "1 while shutting down (not taking jobs)", registry=r
         ).set_function(draining)
         self._prices = {model: (given, output) for model, given, output in prices}
+        self._unit_prices = {(provider, unit): usd for provider, unit, usd in provider_prices}
         self._per_type: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
         self._queue_collector = _QueueCollector(queue)
         r.register(self._queue_collector)
@@ -143,6 +159,15 @@ class Metrics:
         self.tokens.labels(self.queue, model, job_type, "output").inc(max(output_tokens, 0))
         usd = (max(input_tokens, 0) * given + max(output_tokens, 0) * output) / 1_000_000
         self.cost.labels(self.queue, model, job_type).inc(usd)
+
+    def provider_usage(self, job_type: str, provider: str, unit: str, amount: float) -> float:
+        """What a processor reports after each billed call (`ctx.provider_usage`): the units
+        counted and their estimated cost, which the processor puts in its log line."""
+        amount = max(float(amount), 0.0)
+        usd = amount * self._unit_prices.get((provider, unit), 0.0)
+        self.provider_units.labels(self.queue, provider, job_type, unit).inc(amount)
+        self.provider_cost.labels(self.queue, provider, job_type).inc(usd)
+        return usd
 
     # -- the scrape ------------------------------------------------------------------------------
 

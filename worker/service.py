@@ -48,6 +48,7 @@ class Service:
             lambda: self.stats.currently_processing,
             settings.ai_prices,
             draining=lambda: float(self.health is not None and self.health.draining),
+            provider_prices=settings.provider_prices,
         )
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
@@ -122,6 +123,7 @@ class Service:
             s.job_timeout_s,
             self.redact,
             self.metrics.ai_usage,
+            self.metrics.provider_usage,
         )
         self.worker = JobLoop(
             s, protocol, dispatcher, self.stats, worker_id, s.instance_id, self.metrics

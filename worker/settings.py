@@ -124,6 +124,9 @@ class Settings:
     job_log_lines: int = 100
     # USD per million tokens, input/output, by model ("*": any other), for /metrics' cost.
     ai_prices: tuple[tuple[str, float, float], ...] = (("*", 0.60, 2.40),)
+    # USD per unit of a non-token provider's billing (images read, characters synthesised,
+    # audio seconds assessed), by (provider, unit), for /metrics' cost and the jobs' log lines.
+    provider_prices: tuple[tuple[str, str, float], ...] = ()
     # A job parked for upstream 429s longer than this in total fails, naming the provider.
     rate_limit_max_wait_s: float = 3600.0
 
@@ -177,6 +180,7 @@ class Settings:
             ),
             job_log_lines=reader.integer("WORKER_JOB_LOG_LINES", 100, low=0, high=100_000),
             ai_prices=parse_ai_prices(reader.text("WORKER_AI_PRICES", "")),
+            provider_prices=parse_provider_prices(reader.text("WORKER_PROVIDER_PRICES", "")),
             rate_limit_max_wait_s=reader.number("WORKER_RATE_LIMIT_MAX_WAIT_S", 3600.0, low=0.0),
         )
         if settings.redis.cluster and (
@@ -279,6 +283,41 @@ def parse_ai_prices(text: str) -> tuple[tuple[str, float, float], ...]:
         prices[model.strip()] = (given, output)
     prices.setdefault(DEFAULT_AI_PRICE[0], DEFAULT_AI_PRICE[1:])
     return tuple((model, given, output) for model, (given, output) in prices.items())
+
+
+# List prices (USD per unit, pay-as-you-go, first tier) when this was written: Azure AI Vision
+# Read $1.50 per 1,000 images; Amazon Polly $4 (standard) / $16 (neural) per 1M characters;
+# Azure Speech to text (pronunciation assessment is billed as recognised audio) $1 per hour.
+# Contracts differ: WORKER_PROVIDER_PRICES overrides any of them.
+DEFAULT_PROVIDER_PRICES: dict[tuple[str, str], float] = {
+    ("azure-vision", "images"): 1.50 / 1000,
+    ("polly", "characters-standard"): 4.0 / 1_000_000,
+    ("polly", "characters-neural"): 16.0 / 1_000_000,
+    ("azure-speech", "audio-seconds"): 1.0 / 3600,
+}
+
+
+def parse_provider_prices(text: str) -> tuple[tuple[str, str, float], ...]:
+    """`provider:unit=usd,...` in USD per unit (e.g. `polly:characters-neural=0.000016`), over
+    DEFAULT_PROVIDER_PRICES; a unit without a price is counted and costs 0."""
+    prices = dict(DEFAULT_PROVIDER_PRICES)
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        provider, _, unit = name.strip().partition(":")
+        try:
+            usd = float(value)
+        except ValueError:
+            usd = -1.0
+        if not provider or not unit or not usd >= 0 or usd == float("inf"):
+            raise ConfigError(
+                "WORKER_PROVIDER_PRICES",
+                f"expected provider:unit=USD per unit (e.g. polly:characters-neural=0.000016), "
+                f"got {item!r}",
+            )
+        prices[(provider, unit)] = usd
+    return tuple((provider, unit, usd) for (provider, unit), usd in prices.items())
 
 
 def redis_settings_from_env(env: Mapping[str, str]) -> RedisSettings:
