@@ -15,7 +15,13 @@ from worker.errors import ConfigError, ConfigProblems, ProviderMissing
 from worker.registry import ProcessorSpec, Registry
 
 # Module names under processors/, in the order they are listed by `check`.
-MODULES: tuple[str, ...] = ("ping", "generate_flashcards", "generate_lesson", "process_image")
+MODULES: tuple[str, ...] = (
+    "ping",
+    "generate_flashcards",
+    "generate_lesson",
+    "process_image",
+    "assess_pronunciation",
+)
 
 
 def build_each(

@@ -18,7 +18,13 @@ from worker.contract import KINDS, Contract, Kind, json_type
 from worker.errors import ContractViolation, InvalidPayload, UnknownJobType
 
 ROOT = contract_module.DEFAULT_ROOT
-JOB_NAMES = ["generate-flashcards", "generate-lesson", "ping", "process-image"]
+JOB_NAMES = [
+    "assess-pronunciation",
+    "generate-flashcards",
+    "generate-lesson",
+    "ping",
+    "process-image",
+]
 CONTRACT = Contract.load()
 
 
@@ -286,6 +292,16 @@ TYPED: list[tuple[type, str, Kind, str]] = [
     (ct.ImageLine, "process-image", "result", "/$defs/line"),
     (ct.ImageWord, "process-image", "result", "/$defs/line/properties/words/items"),
     (ct.WorkerIdentity, "ping", "result", "/properties/worker"),
+    (ct.PronunciationPayload, "assess-pronunciation", "payload", ""),
+    (ct.PronunciationResult, "assess-pronunciation", "result", ""),
+    (ct.PronunciationAssessment, "assess-pronunciation", "result", "/properties/result"),
+    (ct.PronunciationWord, "assess-pronunciation", "result", "/$defs/word"),
+    (
+        ct.PronunciationPhoneme,
+        "assess-pronunciation",
+        "result",
+        "/$defs/word/properties/phonemes/items",
+    ),
 ]
 
 TYPED_IDS = [typed.__name__ for typed, *_ in TYPED]

@@ -168,3 +168,42 @@ class ImageResult(TypedDict):
     success: Literal[True]
     text: str  # the lines' text joined by newlines
     lines: list[ImageLine]
+
+
+# --- assess-pronunciation ------------------------------------------------------------
+
+
+class PronunciationPayload(TypedDict):
+    referenceText: str
+    audioFilePath: NotRequired[str]  # `<bucket>/<path>` in Supabase Storage (wins over audioUrl)
+    audioUrl: NotRequired[str]
+    language: NotRequired[str]  # default en-US
+    userId: NotRequired[str]
+
+
+class PronunciationPhoneme(TypedDict):
+    phoneme: str
+    accuracyScore: float
+
+
+class PronunciationWord(TypedDict):
+    word: str
+    accuracyScore: float
+    errorType: str  # None | Omission | Insertion | Mispronunciation | ...
+    phonemes: list[PronunciationPhoneme]
+
+
+class PronunciationAssessment(TypedDict):
+    accuracyScore: float
+    fluencyScore: float
+    completenessScore: float
+    pronunciationScore: float
+    recognizedText: str
+    referenceText: str
+    passed: bool
+    words: list[PronunciationWord]
+
+
+class PronunciationResult(TypedDict):
+    success: Literal[True]
+    result: PronunciationAssessment
