@@ -67,13 +67,13 @@ async def test_failures_are_classified(db: FakePostgrest) -> None:
     storage = storage_of(db)
     bad_key = storage_of(db, key="wrong")
     try:
-        with pytest.raises(PermanentJobError, match="no such object.*uploads/missing.wav"):
+        with pytest.raises(PermanentJobError, match=r"no such object.*uploads/missing\.wav"):
             await storage.download("uploads", "missing.wav", 1000)
-        with pytest.raises(PermanentJobError, match="no such object.*nobucket/a.wav"):
+        with pytest.raises(PermanentJobError, match=r"no such object.*nobucket/a\.wav"):
             await storage.download("nobucket", "a.wav", 1000)
-        with pytest.raises(PermanentJobError, match="refused the key.*SUPABASE_SERVICE_ROLE_KEY"):
+        with pytest.raises(PermanentJobError, match=r"refused the key.*SUPABASE_SERVICE_ROLE_KEY"):
             await bad_key.download("uploads", "a.wav", 1000)
-        with pytest.raises(PermanentJobError, match="audio uploads/a.wav is 4 bytes, over the 3 "):
+        with pytest.raises(PermanentJobError, match=r"a\.wav is 4 bytes, over the 3 "):
             await storage.download("uploads", "a.wav", 3, "audio")
         db.fail("GET", "/storage/v1/object/uploads/a.wav", 502,
                 {"statusCode": "502", "error": "BadGateway", "message": "upstream"})  # fmt: skip
