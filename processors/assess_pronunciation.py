@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import aiohttp
 
@@ -30,6 +30,7 @@ from processors.shared.azure_speech import (
     recognition_failure,
     recognize,
 )
+from processors.shared.storage import MB, SupabaseStorage, missing_sentence, split_storage_path
 from worker.context import JobContext
 from worker.contract_types import (
     PronunciationPayload,
@@ -52,7 +53,7 @@ QUEUE = "audio-jobs"  # INTEROP §7: where the web service enqueues it
 # (speech-to-text REST API for short audio).
 MAX_AUDIO_S = 30.0
 # 30 s of 48 kHz stereo 32-bit WAV is 11.5 MB; 16 kHz mono 16-bit, under 1 MB.
-MAX_AUDIO_BYTES = 16_000_000
+MAX_AUDIO_BYTES = 16 * MB
 PASS_SCORE = 60.0  # INTEROP §7: passed when the pronunciation score is at least this
 DEFAULT_LANGUAGE = "en-US"
 # Download (30 s) + conversion + Azure (30 s), with room; shorter than WORKER_JOB_TIMEOUT_S.
@@ -60,12 +61,6 @@ JOB_TIMEOUT_S = 120.0
 
 
 # --- the processor -------------------------------------------------------------------------
-
-
-class AudioStorage(Protocol):
-    async def download(self, bucket: str, path: str, max_bytes: int) -> bytes: ...
-
-    async def aclose(self) -> None: ...
 
 
 def build(env: Mapping[str, str]) -> ProcessorSpec:
@@ -77,11 +72,13 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
         where = f"{REGION_VARIABLE} (or {ENDPOINT_VARIABLE})"
         raise ProviderMissing(JOB_NAME, "Azure Speech", [KEY_VARIABLE, where])
     assert protection is not None
-    processor = PronunciationProcessor(speech, Provider(protection, "pronunciation"), None, "")
+    storage = SupabaseStorage.from_env(env)  # ConfigError when half configured
+    processor = PronunciationProcessor(speech, Provider(protection, "pronunciation"), storage)
     return ProcessorSpec(
         name=JOB_NAME,
         handler=processor.run,
         description="pronunciation assessment by Azure Speech (short-audio REST)",
+        notes=() if storage else (f"{JOB_NAME}: audioUrl only ({missing_sentence(JOB_NAME)})",),
         aclose=processor.aclose,
         timeout_s=JOB_TIMEOUT_S,
     )
@@ -92,13 +89,11 @@ class PronunciationProcessor:
         self,
         speech: SpeechSettings,
         provider: Provider,
-        storage: AudioStorage | None,
-        storage_missing: str,
+        storage: SupabaseStorage | None,
     ) -> None:
         self.speech = speech
         self.provider = provider
         self.storage = storage
-        self.storage_missing = storage_missing  # why audioFilePath cannot work, when it cannot
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
@@ -150,9 +145,12 @@ class PronunciationProcessor:
                 self.session(), payload["audioUrl"], MAX_AUDIO_BYTES, "recording"
             )
         if self.storage is None:
-            raise PermanentJobError(self.storage_missing)
-        bucket, _, key = path.partition("/")
-        return await self.storage.download(bucket, key, MAX_AUDIO_BYTES)
+            raise PermanentJobError(missing_sentence(JOB_NAME))
+        try:
+            bucket, key = split_storage_path(path)
+        except ValueError as exc:
+            raise PermanentJobError(f"audioFilePath: {exc}") from None
+        return await self.storage.download(bucket, key, MAX_AUDIO_BYTES, "recording")
 
     async def aclose(self) -> None:
         if self._session is not None:

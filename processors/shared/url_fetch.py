@@ -12,6 +12,7 @@ from __future__ import annotations
 import aiohttp
 from yarl import URL
 
+from processors.shared.storage import too_large
 from worker.errors import PermanentJobError, RetryableJobError
 
 CONNECT_TIMEOUT_S = 10.0
@@ -35,13 +36,13 @@ async def download(
                 transient = status in (408, 429) or status >= 500
                 error = RetryableJobError if transient else PermanentJobError
                 raise error(f"Could not download the {what} (HTTP {status}) from {shown}")
-            if (response.content_length or 0) > max_bytes:
-                raise _too_large(what, max_bytes, shown)
+            if (size := response.content_length or 0) > max_bytes:
+                raise too_large(what, shown, size, max_bytes)
             body = bytearray()
             async for chunk in response.content.iter_chunked(_CHUNK):
                 body += chunk
-                if len(body) > max_bytes:
-                    raise _too_large(what, max_bytes, shown)
+                if len(body) > max_bytes:  # no or a false Content-Length: stop reading here
+                    raise too_large(what, shown, len(body), max_bytes)
             return bytes(body)
     except TimeoutError as exc:
         raise RetryableJobError(f"Downloading the {what} from {shown} took longer than "
@@ -49,10 +50,3 @@ async def download(
     except aiohttp.ClientError as exc:
         raise RetryableJobError(f"Could not download the {what} from {shown}: "
                                 f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
-
-
-def _too_large(what: str, max_bytes: int, shown: str) -> PermanentJobError:
-    return PermanentJobError(
-        f"The {what} at {shown} is larger than {max_bytes / 1_000_000:g} MB, the most this "
-        f"worker downloads"
-    )
