@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import json
 import re
+from array import array
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ import redis.asyncio as aioredis
 
 import processors
 from processors import ping as ping_module
+from processors.shared import url_fetch
+from processors.shared.audio import wav_bytes
+from tests.fakes.azure_speech_server import KEY as AZURE_SPEECH_KEY
+from tests.fakes.azure_speech_server import FakeAzureSpeech
 from tests.fakes.azure_vision_server import KEY as AZURE_VISION_KEY
 from tests.fakes.azure_vision_server import FakeAzureVision, read_result
 from tests.fakes.fixtures import check_openai, stand_ins, users_table
@@ -82,6 +87,7 @@ FAKES_NEEDED = {
     "generate-flashcards": ("openai_server", "postgrest_server"),
     "generate-lesson": ("openai_server", "postgrest_server"),
     "process-image": ("azure_vision_server", "postgrest_server"),
+    "assess-pronunciation": ("azure_speech_server", "postgrest_server"),
 }
 
 
@@ -182,6 +188,7 @@ class World:
     openai: Any = None  # tests.fakes.openai_server.FakeOpenAI
     db: Any = None  # tests.fakes.postgrest_server.FakePostgrest (and its Storage)
     azure_vision: Any = None  # tests.fakes.azure_vision_server.FakeAzureVision
+    azure_speech: Any = None  # tests.fakes.azure_speech_server.FakeAzureSpeech
     env: dict[str, str] = field(default_factory=dict)
 
     def prepare(self, job: str, document: Any) -> None:
@@ -195,6 +202,9 @@ class World:
             if "storageBucket" in document:  # the user's upload, where the payload says
                 path = document["storagePath"]
                 self.db.storage.put(document["storageBucket"], path, b"\xff\xd8jpeg", "image/jpeg")
+        elif job == "assess-pronunciation" and "audioFilePath" in document:
+            bucket, path = document["audioFilePath"].split("/", 1)
+            self.db.storage.put(bucket, path, SILENCE_WAV, "audio/wav")
 
     def check_stand_ins(self) -> None:
         if self.openai is not None:
@@ -225,12 +235,25 @@ async def world(redis_url: str) -> AsyncIterator[World]:
                           "AZURE_VISION_KEY": AZURE_VISION_KEY}  # fmt: skip
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         patch.setattr(ping_module, "asyncio", _ShortSleeps())
+        if "assess-pronunciation" in RUNNABLE:
+            world.azure_speech = await stack.enter_async_context(FakeAzureSpeech())
+            world.env |= {"AZURE_SPEECH_ENDPOINT": world.azure_speech.origin,
+                          "AZURE_SPEECH_KEY": AZURE_SPEECH_KEY}  # fmt: skip
+            # The examples' audioUrl hosts (cdn.example) do not exist: every URL is this WAV.
+            patch.setattr(url_fetch, "download", _download_silence)
         stack.push_async_callback(_delete_queue_keys, redis_url, world.queue)
         registry = build_registry(RUNNABLE, world.env)
         await stack.enter_async_context(
             running_service(settings_for(redis_url, world.queue), registry)
         )
         yield world
+
+
+SILENCE_WAV = wav_bytes(array("h", bytes(16000)))  # 0.5 s of 16 kHz 16-bit mono silence
+
+
+async def _download_silence(*args: Any, **kwargs: Any) -> bytes:
+    return SILENCE_WAV
 
 
 async def _delete_queue_keys(redis_url: str, queue: str) -> None:

@@ -19,3 +19,4 @@ export {
   enqueueProcessImage,
   makeJobId,
 } from './src/enqueue.js';
+export { AUDIO_JOBS_QUEUE, enqueueAssessPronunciation } from './src/assess-pronunciation.js';

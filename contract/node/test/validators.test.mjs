@@ -13,7 +13,13 @@ import {
 const validators = { payload: validatePayload, result: validateResult };
 
 test('job types are the folders of the contract', () => {
-  assert.deepEqual(JOB_TYPES, ['generate-flashcards', 'generate-lesson', 'ping', 'process-image']);
+  assert.deepEqual(JOB_TYPES, [
+    'assess-pronunciation',
+    'generate-flashcards',
+    'generate-lesson',
+    'ping',
+    'process-image',
+  ]);
   assert.ok(Object.isFrozen(JOB_TYPES));
 });
 
