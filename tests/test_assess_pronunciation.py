@@ -33,6 +33,7 @@ from tests.fakes.azure_speech_server import (
 from tests.fakes.postgrest_server import FakePostgrest
 from tests.support.harness import running_service, settings_for
 from tests.support.node_bridge import NodeBridge
+from tests.support.provider_jobs import provider_env, provider_metric, run_job
 from worker.errors import ConfigError, JobTypeDisabled, ProviderMissing
 from worker.registry import Registry
 from worker.service import Service
@@ -140,21 +141,15 @@ class World:
         return {"referenceText": REFERENCE, "audioUrl": f"{self.host.origin}/{name}?sig=secret"}
 
     def metric(self, name: str, **labels: str) -> float | None:
-        labels = {"queue": self.queue, "job_type": ap.JOB_NAME, "provider": "azure-speech"} | labels
-        return self.service.metrics.registry.get_sample_value(name, labels)
+        return provider_metric(
+            self.service, self.queue, ap.JOB_NAME, "azure-speech", name, **labels
+        )
 
 
 def env_for(
     azure: FakeAzureSpeech, key: str = KEY, db: FakePostgrest | None = None
 ) -> dict[str, str]:
-    env = {
-        "AZURE_SPEECH_KEY": key,
-        "AZURE_SPEECH_ENDPOINT": azure.origin,
-        "PROTECTION_KEY_PREFIX": f"t{time.time_ns()}:",
-    }
-    if db is not None:
-        env |= {"SUPABASE_URL": db.url, "SUPABASE_SERVICE_ROLE_KEY": db.api_key}
-    return env
+    return provider_env(db, AZURE_SPEECH_KEY=key, AZURE_SPEECH_ENDPOINT=azure.origin)
 
 
 @pytest.fixture
@@ -168,10 +163,7 @@ async def world(redis_url: str, queue_name: str) -> AsyncIterator[World]:
 
 
 async def run(node: NodeBridge, queue: str, data: dict[str, Any]) -> dict[str, Any]:
-    added = await node.contract_enqueue(queue, ap.JOB_NAME, data)
-    assert "id" in added, added
-    assert added["id"].startswith(f"{ap.JOB_NAME}-")  # the web service's job id format
-    return await node.wait_finished(queue, added["id"], timeout_ms=30000)
+    return await run_job(node, queue, ap.JOB_NAME, data)
 
 
 def failed_at_once(job: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from tests.fakes.azure_vision_server import (
 from tests.fakes.postgrest_server import FakePostgrest
 from tests.support.harness import running_service, settings_for
 from tests.support.node_bridge import NodeBridge
+from tests.support.provider_jobs import provider_env, provider_metric, run_job
 from worker.errors import JobTypeDisabled, ProviderMissing
 from worker.registry import Registry
 from worker.service import Service
@@ -43,21 +44,15 @@ class World:
         self.service = service
 
     def metric(self, name: str, **labels: str) -> float | None:
-        labels = {"queue": self.queue, "job_type": pi.JOB_NAME, "provider": "azure-vision"} | labels
-        return self.service.metrics.registry.get_sample_value(name, labels)
+        return provider_metric(
+            self.service, self.queue, pi.JOB_NAME, "azure-vision", name, **labels
+        )
 
 
 def env_for(
     azure: FakeAzureVision, key: str = KEY, db: FakePostgrest | None = None
 ) -> dict[str, str]:
-    env = {
-        "AZURE_VISION_ENDPOINT": azure.origin,
-        "AZURE_VISION_KEY": key,
-        "PROTECTION_KEY_PREFIX": f"t{time.time_ns()}:",
-    }
-    if db is not None:
-        env |= {"SUPABASE_URL": db.url, "SUPABASE_SERVICE_ROLE_KEY": db.api_key}
-    return env
+    return provider_env(db, AZURE_VISION_ENDPOINT=azure.origin, AZURE_VISION_KEY=key)
 
 
 @pytest.fixture
@@ -70,10 +65,7 @@ async def world(redis_url: str, queue_name: str) -> AsyncIterator[World]:
 
 
 async def run(node: NodeBridge, queue: str, data: dict[str, Any]) -> dict[str, Any]:
-    added = await node.contract_enqueue(queue, pi.JOB_NAME, data)
-    assert "id" in added, added
-    assert added["id"].startswith(f"{pi.JOB_NAME}-")  # the web service's job id format
-    return await node.wait_finished(queue, added["id"], timeout_ms=30000)
+    return await run_job(node, queue, pi.JOB_NAME, data)
 
 
 async def test_reads_the_text_end_to_end(world: World, node6: NodeBridge) -> None:

@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
+  AUDIO_JOBS_QUEUE,
   ContractError,
   DEFAULT_JOB_OPTIONS,
   PRIORITY,
   enqueue,
+  enqueueAssessPronunciation,
   enqueueProcessImage,
   examples,
   idempotencyKey,
@@ -107,4 +109,48 @@ test('enqueueProcessImage: web service job id and defaults, no idempotency key',
   assert.equal(opts.priority, PRIORITY.NORMAL);
   assert.equal(opts.idempotencyKey, undefined);
   await assert.rejects(enqueueProcessImage(fakeQueue(), { userId: 'u-1' }), ContractError);
+});
+
+test('assess-pronunciation goes to audio-jobs', () => {
+  assert.equal(AUDIO_JOBS_QUEUE, 'audio-jobs');
+});
+
+test('enqueueAssessPronunciation: web service job id and defaults, no idempotency key', async () => {
+  const queue = fakeQueue();
+  const payload = { referenceText: 'Good morning', audioFilePath: 'recordings/u-1/take-1.wav' };
+  const job = await enqueueAssessPronunciation(queue, payload);
+  const [{ name, data, opts }] = queue.added;
+  assert.equal(name, 'assess-pronunciation');
+  assert.deepEqual(data, payload);
+  assert.match(opts.jobId, /^assess-pronunciation-\d{13}-[0-9a-z]{4,6}$/);
+  assert.equal(job.id, opts.jobId);
+  assert.deepEqual(opts, {
+    ...DEFAULT_JOB_OPTIONS,
+    jobId: opts.jobId,
+    priority: PRIORITY.NORMAL,
+  });
+  assert.equal('idempotencyKey' in opts, false);
+});
+
+test('enqueueAssessPronunciation: caller options win', async () => {
+  const queue = fakeQueue();
+  await enqueueAssessPronunciation(
+    queue,
+    { referenceText: 'Hi', audioUrl: 'https://cdn.example/a.ogg', language: 'en-GB' },
+    { attempts: 5, priority: 'VIP' },
+  );
+  assert.equal(queue.added[0].opts.attempts, 5);
+  assert.equal(queue.added[0].opts.priority, PRIORITY.VIP);
+});
+
+test('enqueueAssessPronunciation: an invalid payload never reaches the queue', async () => {
+  for (const { file, document, path } of examples('assess-pronunciation', 'payload', 'invalid')) {
+    const queue = fakeQueue();
+    await assert.rejects(enqueueAssessPronunciation(queue, document), (error) => {
+      assert.ok(error instanceof ContractError, file);
+      assert.ok(error.errors.some((e) => e.path === path), file);
+      return true;
+    });
+    assert.equal(queue.added.length, 0, file);
+  }
 });
