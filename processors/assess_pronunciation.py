@@ -78,7 +78,7 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
         name=JOB_NAME,
         handler=processor.run,
         description="pronunciation assessment by Azure Speech (short-audio REST)",
-        notes=() if storage else (f"{JOB_NAME}: audioUrl only ({missing_sentence(JOB_NAME)})",),
+        notes=() if storage else (f"audioUrl only ({missing_sentence(JOB_NAME)})",),
         aclose=processor.aclose,
         timeout_s=JOB_TIMEOUT_S,
     )
