@@ -83,7 +83,7 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
         name=JOB_NAME,
         handler=processor.run,
         description="text of an image by Azure AI Vision Image Analysis 4.0 Read",
-        notes=() if storage else (f"{JOB_NAME}: imageUrl only ({missing_sentence(JOB_NAME)})",),
+        notes=() if storage else (f"imageUrl only ({missing_sentence(JOB_NAME)})",),
         aclose=processor.aclose,
     )
 
