@@ -5,6 +5,7 @@ limiter, budget holds) and an AI job type on the cluster; the CLI on the cluster
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
@@ -28,8 +29,9 @@ from tests.support.harness import (
     unique_queue,
 )
 from tests.support.node_bridge import NodeBridge
+from tests.support.proc import WorkerProcess
 from tests.support.protection import race_for_the_probe
-from tests.support.redis_server import migrate_slot, private_cluster, slot_owner
+from tests.support.redis_server import free_port, migrate_slot, private_cluster, slot_owner
 from worker.context import JobContext
 from worker.errors import ConfigError, Deferred, PermanentJobError, RetryableJobError
 from worker.keys import budget_key
@@ -239,7 +241,7 @@ async def test_the_rate_limit_and_the_429_cooldown_on_a_cluster(cluster: RedisCl
     assert replies[5][2] == 1  # held back by the requests limit
     await provider.limiter(cluster, "cooldown", cooldown_s=5)
     ok, wait, why = await provider.limiter(cluster, "acquire")
-    assert (ok, why) == (False, 3) and 4000 < wait <= 5000
+    assert (ok, why) == (False, 3) and 4000 < wait <= 5001  # ms, rounded up
     requests, _, cooldown = provider.cluster_rate_keys  # no tokens limit set
     assert await cluster.exists(requests, cooldown) == 2
     assert sum([await cluster.exists(key) for key in provider.rate_keys]) == 0
@@ -308,3 +310,43 @@ async def test_flashcards_through_an_outage_on_a_cluster_each_job_once(
     limited = [key async for key in cluster.scan_iter(match=f"{{{prefix}ratelimit:openai:*")]
     assert len(limited) == 1 and limited[0].endswith("}:requests"), limited
     await cluster_node.obliterate(queue, prefix=PREFIX)
+
+
+# --- the CLI on a cluster ----------------------------------------------------------------------
+
+
+async def cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    proc = await WorkerProcess.start(env, *args)
+    return await proc.wait(timeout=60), proc.output
+
+
+async def test_the_cli_speaks_to_a_cluster_as_the_service_does(cluster_urls: list[str]) -> None:
+    """enqueue, stats and check through the cluster client, found by INFO (no REDIS_CLUSTER),
+    from a node that does not own the queue's slot: a single-node client would meet MOVED."""
+    queue = unique_queue("cluster-cli")
+    owner = slot_owner(cluster_urls, slot_of(cluster_urls, f"{PREFIX}:{queue}:marker"))
+    seed = next(url for url in cluster_urls if url != owner)
+    env = {"REDIS_URL": seed, "WORKER_QUEUE": queue, "WORKER_PREFIX": PREFIX,
+           "WORKER_JOB_TYPES": "ping", "WORKER_HEALTH_PORT": str(free_port())}  # fmt: skip
+    settings = settings_for(seed, queue, WORKER_PREFIX=PREFIX)
+    async with running_service(settings):
+        code, out = await cli(env, "enqueue", "ping", "--data", '{"echo": "ñ"}', "--wait")
+        assert code == 0, out
+        final = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+        assert final["status"] == "completed" and final["result"]["echo"] == "ñ", final
+        code, out = await cli(env, "stats", "--all", "--capacity")
+        assert code == 0, out
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        stats, every, capacity = lines[-3:]
+        assert stats["stats"]["completed"] == 1 and stats["stats"]["total"] == 1, stats
+        assert every["backlog"] == 0 and capacity["capacity"]["workers"] == 1, (every, capacity)
+    code, out = await cli(env, "check")
+    assert code == 0, out
+    host_port = owner.removeprefix("redis://")
+    assert f"redis cluster: 3 masters; queue {queue} on {host_port}" in out, out
+    untagged = {**env, "WORKER_PREFIX": "bull"}
+    (check_code, check_out), (add_code, add_out) = await asyncio.gather(
+        cli(untagged, "check"), cli(untagged, "enqueue", "ping")
+    )
+    assert check_code == 1 and "[FAIL] WORKER_PREFIX: 'bull' has no hash tag" in check_out
+    assert add_code == 2 and "Configuration error: WORKER_PREFIX: 'bull' has no" in add_out
