@@ -31,7 +31,16 @@ from tests.support.harness import (
 from tests.support.node_bridge import NodeBridge
 from tests.support.proc import WorkerProcess
 from tests.support.protection import race_for_the_probe
-from tests.support.redis_server import free_port, migrate_slot, private_cluster, slot_owner
+from tests.support.redis_server import (
+    add_replica,
+    forget,
+    free_port,
+    migrate_slot,
+    private_cluster,
+    slot_owner,
+    take_over,
+)
+from tests.support.redis_server import cluster_node as redis_cluster_node
 from worker.context import JobContext
 from worker.errors import ConfigError, Deferred, PermanentJobError, RetryableJobError
 from worker.keys import budget_key
@@ -350,3 +359,57 @@ async def test_the_cli_speaks_to_a_cluster_as_the_service_does(cluster_urls: lis
     )
     assert check_code == 1 and "[FAIL] WORKER_PREFIX: 'bull' has no hash tag" in check_out
     assert add_code == 2 and "Configuration error: WORKER_PREFIX: 'bull' has no" in add_out
+
+
+async def test_jobs_go_on_when_a_replica_takes_over_the_queues_master(
+    cluster_urls: list[str], cluster_node: NodeBridge
+) -> None:
+    """The master owning the queue's slot loses it to its replica (CLUSTER FAILOVER TAKEOVER,
+    as when the master dies and the replica is promoted) mid-run: commands follow the MOVED,
+    the blocking wait moves to the new master, and every job runs once, without a restart."""
+    queue = unique_queue("cluster-failover")
+    slot = slot_of(cluster_urls, f"{PREFIX}:{queue}:marker")
+    owner = slot_owner(cluster_urls, slot)
+    runs: Counter[int] = Counter()
+    mid_run = asyncio.Event()
+
+    async def count(payload: dict[str, Any], ctx: JobContext) -> dict[str, int]:
+        runs[payload["n"]] += 1
+        if sum(runs.values()) >= 40:
+            mid_run.set()
+        await asyncio.sleep(0.005)
+        return {"n": payload["n"]}
+
+    opts = {"removeOnComplete": False, "attempts": 1}
+
+    def batch(first: int, n: int) -> list[dict[str, Any]]:
+        return [{"name": "count", "data": {"n": i}, "opts": opts} for i in range(first, first + n)]
+
+    settings = settings_for(cluster_urls[0], queue, WORKER_PREFIX=PREFIX, WORKER_CONCURRENCY=4,
+                            WORKER_LIMITER_MAX=0)  # fmt: skip
+    with redis_cluster_node() as replica:
+        await asyncio.to_thread(add_replica, owner, replica)
+        with redis.Redis.from_url(replica, decode_responses=True) as r:
+            replica_id = str(r.execute_command("CLUSTER", "MYID"))
+        try:
+            registry = registry_of(ProcessorSpec("count", count))
+            async with running_service(settings, registry) as service:
+                assert service.worker is not None
+                ids = (await cluster_node.add_bulk(queue, batch(0, 200), prefix=PREFIX))["ids"]
+                await asyncio.wait_for(mid_run.wait(), 20)
+                await asyncio.to_thread(take_over, [*cluster_urls, replica], replica, slot)
+                before = sum(runs.values())
+                assert before < 200, "the takeover came too late to be mid-run"
+                ids += (await cluster_node.add_bulk(queue, batch(200, 100), prefix=PREFIX))["ids"]
+                for job_id in ids:
+                    job = await cluster_node.wait_finished(queue, job_id, 30_000, prefix=PREFIX)
+                    assert job["state"] == "completed", job
+                host, port = replica.removeprefix("redis://").split(":")
+                assert service.worker.protocol._blocking_at == (host, int(port))
+            await cluster_node.obliterate(queue, prefix=PREFIX)
+        finally:
+            # the old master, now its replica, takes the slot back
+            await asyncio.to_thread(take_over, [*cluster_urls, replica], owner, slot)
+    await asyncio.to_thread(forget, cluster_urls, replica_id)
+    assert sorted(runs) == list(range(300)) and set(runs.values()) == {1}, runs.most_common(3)
+    print(f"cluster failover: 300 jobs, the takeover after {before} ran")
