@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from loguru import logger
 
@@ -18,11 +18,13 @@ from worker.contract import Contract
 from worker.errors import ConfigError, JobError, ProviderMissing, UnknownJobType
 from worker.health import iso_now
 from worker.idempotency import idempotency_key
+from worker.keys import bull_key
 from worker.logs import secrets_from_env, setup_logging
-from worker.protocol import QueueClient
+from worker.protocol import QueueClient, cluster_client
 from worker.redis_probe import (
     RedisUnreachable,
     bounded_client,
+    cluster_in_use,
     describe,
     eviction_problem,
     probe,
@@ -31,6 +33,10 @@ from worker.redis_probe import (
 )
 from worker.results import node_json
 from worker.settings import Settings, unread_variables
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 T = TypeVar("T")
 
@@ -141,12 +147,17 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
 
 
 def _with_redis(command: Coroutine[Any, Any, int]) -> int:
-    """Run a command that needs Redis; when Redis fails it, say why and exit 1."""
+    """Run a command that needs Redis; when Redis fails it, say why and exit 1 (2 for settings
+    the service would refuse on this server, such as a cluster and a prefix without a tag)."""
     try:
         return asyncio.run(command)
     except RedisUnreachable as exc:
         print(f"Redis not usable: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        for problem in exc.each:
+            print(f"Configuration error: {problem}", file=sys.stderr)
+        return 2
 
 
 def run_service(settings: Settings, env: Mapping[str, str]) -> int:
@@ -221,8 +232,14 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
         if problem := eviction_problem(info):
             line("FAIL", problem)
             ok = False
+        if cluster_in_use(s, info):
+            line("ok", f"redis cluster: {await _cluster_reach(s, timeout_s)}")
     except RedisUnreachable as exc:
         line("FAIL", f"redis unreachable: {exc}")
+        ok = False
+    except ConfigError as exc:  # what the service would refuse at start-up on this server
+        for error in exc.each:
+            line("FAIL", str(error))
         ok = False
     try:
         built = build_each(env, s.job_types)
@@ -319,24 +336,58 @@ async def enqueue(settings: Settings, args: argparse.Namespace, timeout_s: float
         return await _wait_for(queue, job_id, args.timeout)
 
 
+async def _cluster_reach(s: Settings, timeout_s: float) -> str:
+    """Reach a cluster as the service does at start-up: the cluster client's slot table from
+    the node in the URL, then the node owning the queue's slot (its blocking wait's)."""
+    client = cluster_client(s, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    marker = bull_key(s.prefix, s.queue, "marker")
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.initialize()
+            owner = client.get_node_from_key(marker)
+            if owner is None:
+                raise RedisUnreachable(
+                    f"no node of the cluster serves the slot of {marker}", "other"
+                )
+            await client.ping(target_nodes=owner)
+        masters = len(client.get_primaries())
+        return f"{masters} masters; queue {s.queue} on {owner.host}:{owner.port}"
+    except RedisUnreachable:
+        raise
+    except Exception as exc:
+        raise RedisUnreachable(*describe(exc, s.redis, timeout_s)) from exc
+    finally:
+        await client.aclose()
+
+
 class _Queue:
     """The CLI's queue client: INFO first (the cause at once when Redis cannot be used), then
-    every step bounded by `timeout_s`; a failed step raises RedisUnreachable saying why."""
+    every step bounded by `timeout_s`; a failed step raises RedisUnreachable saying why. On a
+    Redis Cluster (REDIS_CLUSTER=true, or INFO `cluster_enabled:1`, as the service decides) the
+    steps go through the cluster client, made as the service makes it."""
 
     def __init__(self, settings: Settings, timeout_s: float) -> None:
         self.settings = settings
         self.timeout_s = timeout_s
-        self._redis = bounded_client(settings.redis, timeout_s)
+        self._redis: Redis = bounded_client(settings.redis, timeout_s)
         self.client = QueueClient(settings, self._redis)
 
     async def __aenter__(self) -> _Queue:
         try:
             info = await server_info(self._redis, self.settings.redis, self.timeout_s)
+            if problem := eviction_problem(info):
+                logger.warning(problem)
+            if cluster_in_use(self.settings, info):
+                await self.close()
+                timeout_s = self.timeout_s
+                self._redis = cast("Redis", cluster_client(
+                    self.settings, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+                ))  # fmt: skip
+                self.client = QueueClient(self.settings, self._redis)
+                await self.step(cast("RedisCluster", self._redis).initialize())
         except BaseException:
             await self.close()
             raise
-        if problem := eviction_problem(info):
-            logger.warning(problem)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -45,6 +45,13 @@ def refused_wait_key(prefix: str, queue: str, job_id: str) -> str:
 # Provider protection (worker/providers.py). No BullMQ prefix: the web service reads the
 # breaker's keys as the Node worker wrote them (INTEROP §8); `shared` is empty in production
 # and a unique tag in tests, so test runs on one Redis never share a breaker.
+#
+# On a Redis Cluster a script's keys must share one slot. The keys only we read then put their
+# scope in a hash tag, `{<scope>}:<field>`; the tag starts with the family's name, so it is never
+# empty, and both keys of a script share every character up to the field, so whatever Redis
+# takes as the tag (a `}` in a user id ends it early) is the same for both. On one plain Redis
+# the names stay as they always were: a renamed key would split the limiter and hide the
+# budget's holds between old and new replicas for the length of a rolling deploy.
 
 
 def circuit_key(shared: str, provider: str, field: str) -> str:
@@ -53,13 +60,26 @@ def circuit_key(shared: str, provider: str, field: str) -> str:
     return f"{shared}circuit:{provider}:{field}"
 
 
-def rate_key(shared: str, provider: str, model: str, field: str) -> str:
-    """`ratelimit:<provider>:<model>:<field>`: requests / tokens (GCRA theoretical arrival
-    times, ms) and cooldown (ms epoch until which the provider's 429 holds every call back)."""
-    return f"{shared}ratelimit:{provider}:{model}:{field}"
+def beside(key: str, field: str) -> str:
+    """`{<key>}:<field>`: a key in the cluster slot of `key` (a name without a hash tag, whose
+    slot is that of its whole text). On a cluster the breaker keeps its counters beside the
+    state key the web service reads, so one script still decides on both."""
+    return f"{{{key}}}:{field}"
 
 
-def budget_key(shared: str, user_id: str, month: str, field: str) -> str:
-    """`budget:<user>:<YYYY-MM>:<field>`: reserved (a sorted set of leases) and settled (micro-USD
-    settled since, for reads of Supabase that raced a settlement)."""
-    return f"{shared}budget:{user_id}:{month}:{field}"
+def rate_key(shared: str, provider: str, model: str, field: str, cluster: bool = False) -> str:
+    """`ratelimit:<provider>:<model>:<field>` (on a cluster `{ratelimit:<provider>:<model>}:
+    <field>`): requests / tokens (GCRA theoretical arrival times, ms) and cooldown (ms epoch
+    until which the provider's 429 holds every call back)."""
+    return _scoped(f"{shared}ratelimit:{provider}:{model}", field, cluster)
+
+
+def budget_key(shared: str, user_id: str, month: str, field: str, cluster: bool = False) -> str:
+    """`budget:<user>:<YYYY-MM>:<field>` (on a cluster `{budget:<user>:<YYYY-MM>}:<field>`):
+    reserved (a sorted set of leases) and settled (micro-USD settled since, for reads of
+    Supabase that raced a settlement)."""
+    return _scoped(f"{shared}budget:{user_id}:{month}", field, cluster)
+
+
+def _scoped(scope: str, field: str, cluster: bool) -> str:
+    return beside(scope, field) if cluster else f"{scope}:{field}"

@@ -25,7 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from worker.backoff import RedisBackoff
 from worker.dispatch import Dispatcher
-from worker.errors import ConfigError, Deferred, PermanentJobError
+from worker.errors import Deferred, PermanentJobError
 from worker.joblog import JobLog
 from worker.keys import hash_tag, refused_wait_key, worker_alive_key, worker_runs_key
 from worker.logs import job_line, job_lines_on
@@ -40,7 +40,12 @@ from worker.protocol import (
     now_ms,
     stack_of,
 )
-from worker.redis_probe import RedisUnreachable, server_identity, wait_until_reachable
+from worker.redis_probe import (
+    RedisUnreachable,
+    cluster_in_use,
+    server_identity,
+    wait_until_reachable,
+)
 from worker.results import node_json
 from worker.settings import Settings
 from worker.stats import Stats
@@ -149,18 +154,9 @@ class JobLoop:
     def _use_cluster_if(self, info: dict[str, Any]) -> None:
         """A Redis Cluster (INFO `cluster_enabled:1`, or REDIS_CLUSTER=true): the cluster
         client, once the prefix is known to keep the queue in one slot; else ConfigError."""
-        found = str(info.get("cluster_enabled", "0")) == "1"
         s = self.settings
-        if s.redis.cluster and not found:
-            raise ConfigError(
-                "REDIS_CLUSTER",
-                f"true, but the server at {s.redis.host}:{s.redis.port} is not a cluster node "
-                f"(INFO cluster_enabled:0): unset REDIS_CLUSTER",
-            )
-        if not found:
+        if not cluster_in_use(s, info):
             return
-        if error := s.cluster_error("INFO cluster_enabled:1"):
-            raise error
         self.protocol.use_cluster()
         self.dispatcher.redis = self.protocol.redis
         logger.info(

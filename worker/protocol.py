@@ -140,6 +140,19 @@ def _redis_kwargs(settings: Settings, pool: bool = False) -> dict[str, Any]:
     }
 
 
+def cluster_client(settings: Settings, **overrides: Any) -> RedisCluster:
+    """redis-py's cluster client as the service makes it (the connection class, TLS and
+    credentials of settings.redis, seeded with the node in the URL); `overrides` bound the
+    CLI's in time. It follows MOVED, ASK and TRYAGAIN itself."""
+    kwargs = {**_redis_kwargs(settings), **command_socket_options()}
+    kwargs.pop("db", None)
+    kwargs.pop("retry_on_error", None)
+    # Redirections (MOVED, ASK, TRYAGAIN while a slot migrates) are retried by the client
+    # itself; this retry is for connection errors: a node that went away.
+    kwargs["retry"] = Retry(ExponentialBackoff(cap=2, base=0.1), 6)
+    return RedisCluster(**{**kwargs, **overrides})
+
+
 # --- the job hash -----------------------------------------------------------------------------
 
 
@@ -487,14 +500,8 @@ class QueueProtocol:
             return
         self.cluster = True
         settings = self._settings
-        kwargs = {**_redis_kwargs(settings), **command_socket_options()}
-        kwargs.pop("db", None)
-        kwargs.pop("retry_on_error", None)
-        # Redirections (MOVED, ASK, TRYAGAIN while a slot migrates) are retried by the client
-        # itself; this retry is for connection errors: a node that went away.
-        kwargs["retry"] = Retry(ExponentialBackoff(cap=2, base=0.1), 6)
         # The command surface used here (commands, scripts, pipelines) is the same on both.
-        self.redis = cast("Redis", RedisCluster(**kwargs))
+        self.redis = cast("Redis", cluster_client(settings))
         self._register_scripts()
         self.blocking = self._blocking_client(settings.redis.host, settings.redis.port)
         self._blocking_at = None
@@ -940,7 +947,12 @@ class QueueClient:
     async def worker_count(self) -> int:
         """Workers consuming the queue, Node or Python, as `queue.getWorkers()` counts them."""
         base = client_name(self._prefix, self._name)
-        clients = await self.redis.client_list()
+        if isinstance(self.redis, RedisCluster):  # each worker waits on the slot's owner
+            by_node: Any = await self.redis.client_list(target_nodes=RedisCluster.PRIMARIES)
+            lists = by_node.values() if isinstance(by_node, dict) else [by_node]
+            clients = [c for listed in lists for c in listed]
+        else:
+            clients = await self.redis.client_list()
         return sum(
             1
             for c in clients

@@ -41,10 +41,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import NoScriptError
+from loguru import logger
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from worker.errors import Deferred, JobError, RateLimited, RetryableJobError
-from worker.keys import circuit_key, rate_key
+from worker.keys import beside, circuit_key, rate_key
 from worker.settings import _Reader
 
 if TYPE_CHECKING:
@@ -74,19 +76,39 @@ KEY_PREFIX_VARIABLE = "PROTECTION_KEY_PREFIX"
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
 _STATES = (CLOSED, OPEN, HALF_OPEN)  # the scripts answer the index
 
-# KEYS state failures successes opened_at probe; ARGV op, failures to open, successes to
-# close, open ms, failure window ms, probe lease ms, probe busy ms, token.
-# Answers {admitted (0 no, 1 yes, 2 as the probe), wait ms, state index}.
+# KEYS state failures successes opened_at probe [version]; ARGV op, failures to open,
+# successes to close, open ms, failure window ms, probe lease ms, probe busy ms, token
+# [, "1": copied, on a cluster]. Answers {admitted (0 no, 1 yes, 2 as the probe), wait ms,
+# state index}; copied, when a counter changed, also {version, failures, failures' ms to live,
+# successes, opened_at} for `Provider._copy_counters` ("" for a missing key).
 BREAKER_LUA = """
 local state_key, failures_key, successes_key, opened_key, probe_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op = ARGV[1]
 local open_ms = tonumber(ARGV[4])
 local token = ARGV[8]
+local copied = ARGV[9] == "1"
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call("GET", state_key)
 if state ~= "OPEN" and state ~= "HALF_OPEN" then state = "CLOSED" end
+local changed = false  -- failures, successes or opened_at: the copies the web reads are due
+
+local function reply(admitted, wait, index)
+  if not (copied and changed) then return {admitted, wait, index} end
+  local version = math.max((tonumber(redis.call("GET", KEYS[6]) or "") or 0) + 1, now)
+  version = string.format("%.0f", version)
+  redis.call("SET", KEYS[6], version)
+  return {admitted, wait, index, version, redis.call("GET", failures_key) or "",
+          redis.call("PTTL", failures_key), redis.call("GET", successes_key) or "",
+          redis.call("GET", opened_key) or ""}
+end
+-- Copied: only our CLOSE clears opened_at, in this same step. CLOSED (or no state) while it is
+-- set means another hand closed it, the web service's reset route: start afresh.
+if copied and state == "CLOSED" and redis.call("EXISTS", opened_key) == 1 then
+  redis.call("DEL", failures_key, successes_key, opened_key, probe_key)
+  changed = true
+end
 
 local function open_left()
   local opened = tonumber(redis.call("GET", opened_key) or "") or 0
@@ -96,7 +118,8 @@ local function trip()
   redis.call("SET", state_key, "OPEN")
   redis.call("SET", opened_key, tostring(now))
   redis.call("DEL", successes_key, probe_key)
-  return {0, open_ms, 1}
+  changed = true
+  return reply(0, open_ms, 1)
 end
 local function release()
   if redis.call("GET", probe_key) == token then redis.call("DEL", probe_key) end
@@ -105,41 +128,60 @@ end
 if op == "acquire" then
   if state == "OPEN" then
     local left = open_left()
-    if left > 0 then return {0, left, 1} end
+    if left > 0 then return reply(0, left, 1) end
     redis.call("SET", state_key, "HALF_OPEN")
-    redis.call("DEL", successes_key)
+    if redis.call("DEL", successes_key) > 0 then changed = true end
     state = "HALF_OPEN"
   end
   if state == "HALF_OPEN" then
-    if redis.call("SET", probe_key, token, "NX", "PX", ARGV[6]) then return {2, 0, 2} end
+    if redis.call("SET", probe_key, token, "NX", "PX", ARGV[6]) then return reply(2, 0, 2) end
     local left = redis.call("PTTL", probe_key)
     local busy = tonumber(ARGV[7])
     if left < 0 or left > busy then left = busy end
-    return {0, left, 2}
+    return reply(0, left, 2)
   end
-  return {1, 0, 0}
+  return reply(1, 0, 0)
 elseif op == "failure" then
-  if state == "OPEN" then return {0, open_left(), 1} end  -- a call let through before it opened
+  if state == "OPEN" then return reply(0, open_left(), 1) end  -- let through before it opened
   if state == "HALF_OPEN" then return trip() end
   local failures = redis.call("INCR", failures_key)
   redis.call("PEXPIRE", failures_key, ARGV[5])
+  changed = true
   if failures >= tonumber(ARGV[2]) then return trip() end
-  return {1, 0, 0}
+  return reply(1, 0, 0)
 elseif op == "success" then
   if state == "HALF_OPEN" then
     release()
+    changed = true
     if redis.call("INCR", successes_key) >= tonumber(ARGV[3]) then
       redis.call("SET", state_key, "CLOSED")
       redis.call("DEL", failures_key, successes_key, opened_key)
-      return {1, 0, 0}
+      return reply(1, 0, 0)
     end
-    return {1, 0, 2}
+    return reply(1, 0, 2)
   end
-  if state == "CLOSED" then redis.call("DEL", failures_key) end  -- failures count in a row
-  return {1, 0, state == "OPEN" and 1 or 0}
+  -- failures count in a row
+  if state == "CLOSED" and redis.call("DEL", failures_key) > 0 then changed = true end
+  return reply(1, 0, state == "OPEN" and 1 or 0)
 end
 release()  -- "release": the call was never made (cancelled, parked, refused before it)
-return {1, 0, state == "OPEN" and 1 or (state == "HALF_OPEN" and 2 or 0)}
+return reply(1, 0, state == "OPEN" and 1 or (state == "HALF_OPEN" and 2 or 0))
+"""
+
+# KEYS a counter the web service reads, the version of the copy it holds (beside it); ARGV
+# version, value ("" deletes it), ms to live (0: none). A copy never replaces a newer one, so
+# copies that two replicas write in either order end at the newest.
+COPY_LUA = """
+if tonumber(ARGV[1]) <= (tonumber(redis.call("GET", KEYS[2]) or "") or 0) then return 0 end
+redis.call("SET", KEYS[2], ARGV[1])
+if ARGV[2] == "" then
+  redis.call("DEL", KEYS[1])
+elseif tonumber(ARGV[3]) > 0 then
+  redis.call("SET", KEYS[1], ARGV[2], "PX", ARGV[3])
+else
+  redis.call("SET", KEYS[1], ARGV[2])
+end
+return 1
 """
 
 # KEYS requests tokens cooldown; ARGV op ("acquire" | "cooldown"), ms per request (0: no
@@ -193,7 +235,15 @@ class Lua:
 
 
 _BREAKER = Lua(BREAKER_LUA)
+_COPY = Lua(COPY_LUA)
 _LIMITER = Lua(LIMITER_LUA)
+# The counters the web service shows beside the state (INTEROP §8); on a cluster, copies.
+SHOWN_COUNTERS = ("failures", "successes", "opened_at")
+
+
+def is_cluster(redis: Redis) -> bool:
+    """A Redis Cluster client: every script's keys must then share one slot."""
+    return isinstance(redis, RedisCluster)
 
 
 def key_prefix(env: Mapping[str, str]) -> str:
@@ -251,8 +301,17 @@ class Provider:
         s, shared = settings, settings.key_prefix
         self.circuit_keys = [circuit_key(shared, self.name, field) for field in
                              ("state", "failures", "successes", "opened_at", "probe")]  # fmt: skip
-        self.rate_keys = [rate_key(shared, self.name, model, field)
-                          for field in ("requests", "tokens", "cooldown")]  # fmt: skip
+        # A cluster: the counters and the probe beside the state key the web reads and resets,
+        # and copies of the counters where the web reads them (`_copy_counters`).
+        state = self.circuit_keys[0]
+        self.cluster_circuit_keys = [state, *(beside(state, field) for field in
+                                     (*SHOWN_COUNTERS, "probe", "version"))]  # fmt: skip
+        self._copies = [(key, beside(key, "version"))
+                        for key in self.circuit_keys[1:4]]  # fmt: skip
+        rate_fields = ("requests", "tokens", "cooldown")
+        self.rate_keys = [rate_key(shared, self.name, model, field) for field in rate_fields]
+        self.cluster_rate_keys = [rate_key(shared, self.name, model, field, cluster=True)
+                                  for field in rate_fields]  # fmt: skip
         window_ms = s.rate_window_s * 1000
         self._ms_per_request = window_ms / s.rpm if s.rpm else 0.0
         self._ms_per_token = window_ms / s.tpm if s.tpm else 0.0
@@ -299,8 +358,32 @@ class Provider:
 
     async def breaker(self, redis: Redis, op: str, token: str = "") -> tuple[int, int, str]:
         """(admitted: 0/1/2 probe, wait ms, state) after one atomic step of the breaker."""
-        reply = await _BREAKER(redis, self.circuit_keys, [op, *self._breaker_args, token])
+        if not is_cluster(redis):
+            reply = await _BREAKER(redis, self.circuit_keys, [op, *self._breaker_args, token])
+        else:
+            args = [op, *self._breaker_args, token, 1]
+            reply = await _BREAKER(redis, self.cluster_circuit_keys, args)
+            if len(reply) > 3:
+                await self._copy_counters(redis, reply[3:])
         return int(reply[0]), int(reply[1]), _STATES[int(reply[2])]
+
+    async def _copy_counters(self, redis: Redis, snapshot: Sequence[Any]) -> None:
+        """A cluster: write the counters the step left where the web service reads them. The
+        decision is taken and stands; a copy that fails is said and mended by the next one."""
+        version, failures, failures_ttl_ms, successes, opened_at = snapshot
+        values = ((failures, max(int(failures_ttl_ms), 0)), (successes, 0), (opened_at, 0))
+        copies = [_COPY(redis, keys, [version, value, ttl_ms])
+                  for keys, (value, ttl_ms) in zip(self._copies, values, strict=True)]  # fmt: skip
+        for result in await asyncio.gather(*copies, return_exceptions=True):
+            if isinstance(result, RedisError | RedisClusterException | OSError):
+                logger.warning(
+                    "{} circuit breaker: its counters not copied for the web service ({}): {}",
+                    self.name,
+                    type(result).__name__,
+                    result,
+                )
+            elif isinstance(result, BaseException):
+                raise result
 
     async def limiter(
         self, redis: Redis, op: str, tokens: int = 0, cooldown_s: float = 0.0
@@ -308,7 +391,8 @@ class Provider:
         """(admitted, wait ms, why) after one atomic step of the rate limit."""
         args = [op, self._ms_per_request, self._ms_per_token, max(tokens, 0),
                 round(MAX_HOLD_S * 1000), round(cooldown_s * 1000)]  # fmt: skip
-        reply = await _LIMITER(redis, self.rate_keys, args)
+        keys = self.cluster_rate_keys if is_cluster(redis) else self.rate_keys
+        reply = await _LIMITER(redis, keys, args)
         return bool(reply[0]), int(reply[1]), int(reply[2])
 
     async def state(self, redis: Redis) -> str:

@@ -23,7 +23,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.settings import RedisSettings
+from worker.errors import ConfigError
+from worker.settings import RedisSettings, Settings
 
 # Kinds of failure that trying again cannot mend: start-up gives up on them at once.
 LASTING = frozenset({"auth", "tls", "protocol", "refused-command"})
@@ -106,6 +107,24 @@ async def wait_until_reachable(redis: RedisSettings, timeout_s: float) -> dict[s
     if problem := eviction_problem(info):
         logger.warning(problem)
     return info
+
+
+def cluster_in_use(settings: Settings, info: dict[str, Any]) -> bool:
+    """Whether to speak to a Redis Cluster, from the settings and the INFO of the node in the
+    URL, as the service, `check`, `enqueue` and `stats` all decide it: REDIS_CLUSTER=true, or
+    INFO `cluster_enabled:1`. ConfigError when REDIS_CLUSTER=true meets a node that is not
+    one, or when a cluster meets a prefix without a hash tag."""
+    found = str(info.get("cluster_enabled", "0")) == "1"
+    redis = settings.redis
+    if redis.cluster and not found:
+        raise ConfigError(
+            "REDIS_CLUSTER",
+            f"true, but the server at {redis.host}:{redis.port} is not a cluster node "
+            f"(INFO cluster_enabled:0): unset REDIS_CLUSTER",
+        )
+    if found and (error := settings.cluster_error("INFO cluster_enabled:1")):
+        raise error
+    return found
 
 
 def eviction_problem(info: dict[str, Any]) -> str | None:

@@ -14,7 +14,8 @@ of a worker that died mid-call lapses on its own), and `...:settled` counts the 
 settled so far. A reservation reads `settled`, then Supabase, then asks the script, which adds
 whatever was settled in between: a read of Supabase that raced another call's settlement
 counts that call once or twice, never zero times. Recording happens before settling for the
-same reason.
+same reason. On a Redis Cluster the two are `{budget:<user>:<YYYY-MM>}:reserved` and
+`...:settled`, in one slot (worker/keys.py); on one Redis, the names above.
 
 When Supabase cannot be read, no reservation and no call are made: the job's attempt fails as
 retryable (BullMQ backoff), as before. When `increment_tokens` fails, the failure is logged and
@@ -39,7 +40,7 @@ from postgrest import APIError
 from processors.shared.supabase_client import SupabaseSettings, make_client
 from worker.errors import PermanentJobError, RetryableJobError
 from worker.keys import budget_key
-from worker.providers import Lua, key_prefix
+from worker.providers import Lua, is_cluster, key_prefix
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -211,8 +212,10 @@ class Budget:
         if self.client is None:
             return Reservation(redis, "", "", "")
         month = datetime.now(UTC).strftime("%Y-%m")
-        reserved = budget_key(self.key_prefix, user_id, month, "reserved")
-        settled = budget_key(self.key_prefix, user_id, month, "settled")
+        # A cluster: both in one slot, for the script and the settling transaction (worker.keys).
+        cluster = is_cluster(redis)
+        reserved = budget_key(self.key_prefix, user_id, month, "reserved", cluster)
+        settled = budget_key(self.key_prefix, user_id, month, "settled", cluster)
         before = int(await redis.get(settled) or 0)
         spent = await self.spent_usd(user_id, log)
         cost = micro_usd(estimate.cost_usd)

@@ -8,8 +8,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,12 +131,8 @@ def private_cluster(masters: int = 3) -> Iterator[list[str]]:
     cli = shutil.which("redis-cli")
     if cli is None:
         raise RuntimeError("redis-cli not found: apt-get install redis-tools")
-    args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "5000")  # fmt: skip
     with ExitStack() as stack:
-        # the bus port (default: port + 10000) may be past 65535: one of its own for each node
-        urls = [stack.enter_context(private_redis(args=(*args, "--cluster-port", str(free_port()))))
-                for _ in range(masters)]  # fmt: skip
+        urls = [stack.enter_context(cluster_node()) for _ in range(masters)]
         addresses = [url.removeprefix("redis://") for url in urls]
         subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=30)  # fmt: skip
@@ -146,6 +142,58 @@ def private_cluster(masters: int = 3) -> Iterator[list[str]]:
                 raise RuntimeError("the test cluster did not reach cluster_state:ok")
             time.sleep(0.1)
         yield urls
+
+
+def cluster_node() -> AbstractContextManager[str]:
+    """One private `redis-server --cluster-enabled yes`, not yet part of any cluster."""
+    # the bus port (default: port + 10000) may be past 65535: one of its own for each node
+    return private_redis(args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                               "--cluster-node-timeout", "5000", "--cluster-port",
+                               str(free_port())))  # fmt: skip
+
+
+def _until(done: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the test cluster: {what} did not happen within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def add_replica(master: str, replica: str) -> None:
+    """Join the node at `replica` to the cluster as a replica of `master`; returns once it
+    has synced."""
+    with redis.Redis.from_url(master, decode_responses=True) as m, \
+            redis.Redis.from_url(replica, decode_responses=True) as r:  # fmt: skip
+        master_id = str(m.execute_command("CLUSTER", "MYID"))
+        host, port = master.removeprefix("redis://").split(":")
+        bus_port = m.config_get("cluster-port")["cluster-port"]  # not port + 10000 here
+        r.execute_command("CLUSTER", "MEET", host, port, bus_port)
+        _until(lambda: master_id in str(r.execute_command("CLUSTER", "NODES")), "MEET")
+        r.execute_command("CLUSTER", "REPLICATE", master_id)
+        _until(lambda: r.info("replication").get("master_link_status") == "up", "replica sync")
+
+
+def take_over(urls: Sequence[str], replica: str, slot: int) -> None:
+    """CLUSTER FAILOVER TAKEOVER on `replica` (no vote of its master: as when it died), then
+    wait until the nodes at `urls` agree that it serves `slot`."""
+    master = slot_owner(urls, slot)
+    with redis.Redis.from_url(replica, decode_responses=True) as r, \
+            redis.Redis.from_url(master, decode_responses=True) as m:  # fmt: skip
+        _until(lambda: r.info("replication").get("master_link_status") == "up", "replica sync")
+        # Writes held for a moment while the replica catches up, as a graceful failover does:
+        # replication is asynchronous, and a takeover would lose what it had not received.
+        m.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+        offset = m.info("replication")["master_repl_offset"]
+        _until(lambda: r.info("replication")["slave_repl_offset"] >= offset, "catch-up")
+        r.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+    _until(lambda: all(slot_owner([url], slot) == replica for url in urls), "the takeover")
+
+
+def forget(urls: Sequence[str], node_id: str) -> None:
+    for url in urls:
+        with redis.Redis.from_url(url) as r:
+            r.execute_command("CLUSTER", "FORGET", node_id)
 
 
 def _cluster_ok(url: str) -> bool:
