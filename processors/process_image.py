@@ -1,12 +1,14 @@
 """`process-image`: the text in an image, by Azure AI Vision Image Analysis 4.0 (Read).
 
-Steps: progress 10 → azure-vision's breaker and rate limit (worker.providers) → one
-`analyze_from_url(features=[READ])` call through the `azure-ai-vision-imageanalysis` SDK, a
+Steps: progress 10 → (from Supabase Storage: the image's bytes, refused above 20 MB before they
+are read) → azure-vision's breaker and rate limit (worker.providers) → one Read call through
+the `azure-ai-vision-imageanalysis` SDK (`analyze_from_url`, or `analyze` with the bytes), a
 blocking call made in a worker thread (never on the event loop) → progress 100 and
 `{"success": true, "text", "lines": [{"text", "boundingPolygon", "words": [...]}]}`.
 
 Optional: without AZURE_VISION_ENDPOINT and AZURE_VISION_KEY the job type is not built
-(`ProviderMissing`), and its jobs fail at once saying so.
+(`ProviderMissing`), and its jobs fail at once saying so. Without Supabase settings the type
+runs for `imageUrl` jobs; a `storageBucket`/`storagePath` job fails at once naming them.
 
 Errors (the SDK's own retries are off: BullMQ and worker.providers decide):
 
@@ -20,7 +22,8 @@ Errors (the SDK's own retries are off: BullMQ and worker.providers decide):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, cast
 
 from azure.ai.vision.imageanalysis import ImageAnalysisClient
@@ -33,6 +36,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from processors.shared.storage import MB, SupabaseStorage, missing_sentence
 from worker.context import JobContext
 from worker.contract_types import ImageLine, ImagePayload, ImageResult
 from worker.errors import (
@@ -64,6 +68,7 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
         raise ProviderMissing(JOB_NAME, "Azure AI Vision", [ENDPOINT_VARIABLE, KEY_VARIABLE])
     problems = ConfigProblems()
     protection = problems.take(lambda: ProviderSettings.from_env(AZURE_VISION, env))
+    storage = problems.take(lambda: SupabaseStorage.from_env(env))
     problems.raise_any()
     assert protection is not None
     client = ImageAnalysisClient(
@@ -73,35 +78,38 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
         connection_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
     )
-    processor = ImageProcessor(client, Provider(protection, "read"))
+    processor = ImageProcessor(client, Provider(protection, "read"), storage)
     return ProcessorSpec(
         name=JOB_NAME,
         handler=processor.run,
         description="text of an image by Azure AI Vision Image Analysis 4.0 Read",
+        notes=() if storage else (f"{JOB_NAME}: imageUrl only ({missing_sentence(JOB_NAME)})",),
         aclose=processor.aclose,
     )
 
 
 class ImageProcessor:
-    def __init__(self, client: ImageAnalysisClient, provider: Provider) -> None:
+    def __init__(
+        self, client: ImageAnalysisClient, provider: Provider, storage: SupabaseStorage | None
+    ) -> None:
         self.client = client
         self.provider = provider
+        self.storage = storage
 
     async def run(self, data: dict[str, Any], ctx: JobContext) -> ImageResult:
         payload = cast(ImagePayload, data)  # validated against the contract by the runtime
         await ctx.progress(10)
-        if "imageUrl" not in payload:
-            raise PermanentJobError(
-                "process-image from Supabase Storage (storageBucket/storagePath) is not "
-                "supported yet: send imageUrl"
-            )
-        url = payload["imageUrl"]
+        read: Callable[[], Any]
+        if "imageUrl" in payload:
+            url = payload["imageUrl"]
+            read = partial(self.client.analyze_from_url, url, [VisualFeatures.READ])
+        else:
+            image = await self._download(payload["storageBucket"], payload["storagePath"])
+            read = partial(self.client.analyze, image, [VisualFeatures.READ])
         async with self.provider.call(ctx.redis) as permit:
             try:
                 # The SDK is blocking (requests): a thread keeps the event loop free.
-                analysis = await asyncio.to_thread(
-                    self.client.analyze_from_url, url, [VisualFeatures.READ]
-                )
+                analysis = await asyncio.to_thread(read)
             except Exception as exc:
                 raise await permit.failed(classify_azure_error(exc)) from exc
             await permit.succeeded()
@@ -116,8 +124,15 @@ class ImageProcessor:
         await ctx.progress(100)
         return result
 
+    async def _download(self, bucket: str, path: str) -> bytes:
+        if self.storage is None:
+            raise PermanentJobError(missing_sentence(JOB_NAME))
+        return await self.storage.download(bucket, path, MAX_IMAGE_MB * MB, "image")
+
     async def aclose(self) -> None:
         self.client.close()
+        if self.storage is not None:
+            await self.storage.aclose()
 
 
 def to_result(analysis: Any) -> ImageResult:

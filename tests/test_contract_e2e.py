@@ -30,6 +30,8 @@ import redis.asyncio as aioredis
 
 import processors
 from processors import ping as ping_module
+from tests.fakes.azure_vision_server import KEY as AZURE_VISION_KEY
+from tests.fakes.azure_vision_server import FakeAzureVision, read_result
 from tests.fakes.fixtures import check_openai, stand_ins, users_table
 from tests.fakes.openai_server import completion
 from tests.support.harness import running_service, settings_for, unique_queue
@@ -79,6 +81,7 @@ FAKES_NEEDED = {
     "ping": (),
     "generate-flashcards": ("openai_server", "postgrest_server"),
     "generate-lesson": ("openai_server", "postgrest_server"),
+    "process-image": ("azure_vision_server", "postgrest_server"),
 }
 
 
@@ -177,6 +180,8 @@ class World:
 
     queue: str
     openai: Any = None  # tests.fakes.openai_server.FakeOpenAI
+    db: Any = None  # tests.fakes.postgrest_server.FakePostgrest (and its Storage)
+    azure_vision: Any = None  # tests.fakes.azure_vision_server.FakeAzureVision
     env: dict[str, str] = field(default_factory=dict)
 
     def prepare(self, job: str, document: Any) -> None:
@@ -185,11 +190,18 @@ class World:
             self.openai.script(completion(FLASHCARDS_REPLY))
         elif job == "generate-lesson":
             self.openai.script(*(completion(reply) for reply in lesson_replies(document)))
+        elif job == "process-image":
+            self.azure_vision.script(read_result("Fotosíntesis", "luz → azúcar"))
+            if "storageBucket" in document:  # the user's upload, where the payload says
+                path = document["storagePath"]
+                self.db.storage.put(document["storageBucket"], path, b"\xff\xd8jpeg", "image/jpeg")
 
     def check_stand_ins(self) -> None:
         if self.openai is not None:
             check_openai(self.openai)
             assert not self.openai.queue, "a scripted OpenAI reply was not used"
+        if self.azure_vision is not None:
+            assert not self.azure_vision.queue, "a scripted Azure Vision reply was not used"
 
 
 def build_registry(jobs: list[str], env: dict[str, str]) -> Registry:
@@ -206,7 +218,11 @@ async def world(redis_url: str) -> AsyncIterator[World]:
     async with contextlib.AsyncExitStack() as stack:  # unwinds in reverse: service stops first
         if any(FAKES_NEEDED.get(job) for job in RUNNABLE):
             fakes = await stack.enter_async_context(stand_ins(users_table(USER_ID)))
-            world.openai, world.env = fakes.openai, fakes.env
+            world.openai, world.db, world.env = fakes.openai, fakes.db, fakes.env
+        if "process-image" in RUNNABLE:
+            world.azure_vision = await stack.enter_async_context(FakeAzureVision())
+            world.env |= {"AZURE_VISION_ENDPOINT": world.azure_vision.origin,
+                          "AZURE_VISION_KEY": AZURE_VISION_KEY}  # fmt: skip
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         patch.setattr(ping_module, "asyncio", _ShortSleeps())
         stack.push_async_callback(_delete_queue_keys, redis_url, world.queue)

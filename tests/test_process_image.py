@@ -19,6 +19,7 @@ from tests.fakes.azure_vision_server import (
     read_result,
     server_error,
 )
+from tests.fakes.postgrest_server import FakePostgrest
 from tests.support.harness import running_service, settings_for
 from tests.support.node_bridge import NodeBridge
 from worker.errors import JobTypeDisabled, ProviderMissing
@@ -33,8 +34,11 @@ def payload() -> dict[str, Any]:
 
 
 class World:
-    def __init__(self, azure: FakeAzureVision, queue: str, service: Service) -> None:
+    def __init__(
+        self, azure: FakeAzureVision, db: FakePostgrest, queue: str, service: Service
+    ) -> None:
         self.azure = azure
+        self.db = db
         self.queue = queue
         self.service = service
 
@@ -43,21 +47,26 @@ class World:
         return self.service.metrics.registry.get_sample_value(name, labels)
 
 
-def env_for(azure: FakeAzureVision, key: str = KEY) -> dict[str, str]:
-    return {
+def env_for(
+    azure: FakeAzureVision, key: str = KEY, db: FakePostgrest | None = None
+) -> dict[str, str]:
+    env = {
         "AZURE_VISION_ENDPOINT": azure.origin,
         "AZURE_VISION_KEY": key,
         "PROTECTION_KEY_PREFIX": f"t{time.time_ns()}:",
     }
+    if db is not None:
+        env |= {"SUPABASE_URL": db.url, "SUPABASE_SERVICE_ROLE_KEY": db.api_key}
+    return env
 
 
 @pytest.fixture
 async def world(redis_url: str, queue_name: str) -> AsyncIterator[World]:
-    async with FakeAzureVision() as azure:
+    async with FakeAzureVision() as azure, FakePostgrest() as db:
         registry = Registry()
-        registry.register(pi.build(env_for(azure)))
+        registry.register(pi.build(env_for(azure, db=db)))
         async with running_service(settings_for(redis_url, queue_name), registry) as service:
-            yield World(azure, queue_name, service)
+            yield World(azure, db, queue_name, service)
 
 
 async def run(node: NodeBridge, queue: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -108,11 +117,69 @@ async def test_image_over_the_size_limit_fails_at_once(world: World, node6: Node
     assert "too large" in job["failedReason"] and "20 MB" in job["failedReason"]
 
 
-async def test_storage_variant_says_not_supported_yet(world: World, node6: NodeBridge) -> None:
-    data = {"userId": USER_ID, "storageBucket": "uploads", "storagePath": "a/b.png"}
+def storage_payload(path: str = "scans/page-1.png") -> dict[str, Any]:
+    return {"userId": USER_ID, "storageBucket": "uploads", "storagePath": f"{USER_ID}/{path}"}
+
+
+async def test_reads_an_image_from_supabase_storage(world: World, node6: NodeBridge) -> None:
+    image = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+    data = storage_payload()
+    world.db.storage.put("uploads", data["storagePath"], image, "image/png")
+    world.azure.script(read_result("Mitochondria", "the powerhouse"))
+    job = await run(node6, world.queue, data)
+    assert job["state"] == "completed", job
+    assert job["returnvalue"]["text"] == "Mitochondria\nthe powerhouse"
+    (sent,) = world.azure.requests
+    # the bytes themselves went to Azure (its `analyze` with image data), not a URL
+    assert sent.raw == image and sent.header("Content-Type") == "application/octet-stream"
+    (read,) = world.db.rest_requests("GET", f"/storage/v1/object/uploads/{data['storagePath']}")
+    assert read.header("apikey") == world.db.api_key
+
+
+async def test_missing_storage_object_fails_at_once_naming_it(
+    world: World, node6: NodeBridge
+) -> None:
+    data = storage_payload("gone.png")
     job = await run(node6, world.queue, data)
     assert job["state"] == "failed" and job["attemptsMade"] == 1, job
-    assert "not supported yet" in job["failedReason"] and world.azure.calls == 0
+    assert "no such object" in job["failedReason"] and data["storagePath"] in job["failedReason"]
+    assert world.azure.calls == 0
+
+
+async def test_storage_image_over_the_limit_is_refused_unread(
+    world: World, node6: NodeBridge
+) -> None:
+    data = storage_payload("huge.png")
+    world.db.storage.put("uploads", data["storagePath"], b"\0" * (21 * 1024 * 1024), "image/png")
+    job = await run(node6, world.queue, data)
+    assert job["state"] == "failed" and job["attemptsMade"] == 1, job
+    assert "21 MB, over the 20 MB limit" in job["failedReason"], job["failedReason"]
+    assert world.azure.calls == 0
+    assert not world.db.rest_requests("GET", f"/storage/v1/object/uploads/{data['storagePath']}")
+
+
+async def test_storage_outage_is_retried(world: World, node6: NodeBridge) -> None:
+    data = storage_payload("flaky.png")
+    world.db.storage.put("uploads", data["storagePath"], b"\x89PNG", "image/png")
+    info = f"/storage/v1/object/info/uploads/{data['storagePath']}"
+    world.db.fail("GET", info, 503, {"statusCode": "503", "error": "x", "message": "down"})
+    job = await run(node6, world.queue, data)
+    assert job["state"] == "completed" and job["attemptsMade"] == 2, job
+    assert world.azure.calls == 1
+
+
+async def test_storage_input_without_supabase_names_the_variables(
+    redis_url: str, queue_name: str, node6: NodeBridge
+) -> None:
+    async with FakeAzureVision() as azure:
+        spec = pi.build(env_for(azure))
+        assert any("imageUrl only" in note for note in spec.notes)
+        registry = Registry()
+        registry.register(spec)
+        async with running_service(settings_for(redis_url, queue_name), registry):
+            job = await run(node6, queue_name, storage_payload())
+    assert job["state"] == "failed" and job["attemptsMade"] == 1, job
+    assert "SUPABASE_URL" in job["failedReason"] and azure.calls == 0
 
 
 async def test_bad_key_fails_at_once_naming_it(

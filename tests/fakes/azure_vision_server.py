@@ -1,7 +1,8 @@
 """A local server speaking Azure AI Vision Image Analysis 4.0's REST API, for `process-image`.
 
 `POST /computervision/imageanalysis:analyze?api-version=...&features=read` with the key in
-`Ocp-Apim-Subscription-Key` and `{"url": ...}` as the body, answered like the service does:
+`Ocp-Apim-Subscription-Key` and `{"url": ...}` as the body (or the image's bytes as
+`application/octet-stream`), answered like the service does:
 `{"modelVersion", "metadata", "readResult": {"blocks": [{"lines": [{"text",
 "boundingPolygon", "words": [{"text", "boundingPolygon", "confidence"}]}]}]}}`, or an error
 `{"error": {"code", "message", "innererror"?}}` (with `Retry-After` on a 429). The real
@@ -104,6 +105,13 @@ class FakeAzureVision(LocalServer):
             "api-version"
         ):
             reply = error(400, "InvalidRequest", "features=read and api-version are required")
+        elif request.content_type == "application/octet-stream":
+            # the image itself in the body (the SDK's analyze(image_data=...))
+            body = await request.read()
+            if not body:
+                reply = error(400, "InvalidRequest", "The image data is empty")
+            else:
+                reply = self.queue.popleft() if self.queue else read_result("Hello", "World")
         else:
             try:
                 url = json.loads(await request.read()).get("url")

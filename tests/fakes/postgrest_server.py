@@ -17,6 +17,7 @@ PGRST202, PGRST205, 22P02 for a malformed uuid, 42703 for an unknown column).
 `increment_tokens(user_id, input_count, output_count)` is built in (it adds to the `users`
 row, as the real SQL function does, and returns nothing: 204); `functions` adds others.
 `fail(...)` makes the next matching request(s) fail with a chosen status and body.
+Supabase Storage's object API is served too (`db.storage`, tests/fakes/storage_routes.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes import LocalServer, RecordedRequest, json_response
+from tests.fakes.storage_routes import FakeStorage
 
 REST = "/rest/v1"
 RESERVED_PARAMS = frozenset({"select", "order", "limit", "offset", "columns", "on_conflict"})
@@ -103,6 +105,7 @@ class FakePostgrest(LocalServer):
             **(functions or {}),
         }
         self._failures: list[_Failure] = []
+        self.storage = FakeStorage()  # /storage/v1 on the same origin, as a Supabase project
 
     @property
     def url(self) -> str:
@@ -146,6 +149,7 @@ class FakePostgrest(LocalServer):
     def routes(self, app: web.Application) -> None:
         app.router.add_route("*", REST + "/rpc/{fn}", self._rpc)
         app.router.add_route("*", REST + "/{table}", self._table)
+        self.storage.routes(app, self._pre)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
 
     # --- handlers ------------------------------------------------------------------------
