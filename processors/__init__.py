@@ -16,6 +16,7 @@ from worker.registry import ProcessorSpec, Registry
 
 # Module names under processors/, in the order they are listed by `check`.
 MODULES: tuple[str, ...] = ("ping", "generate_flashcards", "generate_lesson", "process_image")
+MODULES += ("generate_audio_lesson", "create_simple_audio")  # queue audio-jobs
 
 
 def build_each(

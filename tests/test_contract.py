@@ -19,6 +19,7 @@ from worker.errors import ContractViolation, InvalidPayload, UnknownJobType
 
 ROOT = contract_module.DEFAULT_ROOT
 JOB_NAMES = ["generate-flashcards", "generate-lesson", "ping", "process-image"]
+JOB_NAMES = sorted([*JOB_NAMES, "create-simple-audio", "generate-audio-lesson"])
 CONTRACT = Contract.load()
 
 
@@ -286,6 +287,10 @@ TYPED: list[tuple[type, str, Kind, str]] = [
     (ct.ImageLine, "process-image", "result", "/$defs/line"),
     (ct.ImageWord, "process-image", "result", "/$defs/line/properties/words/items"),
     (ct.WorkerIdentity, "ping", "result", "/properties/worker"),
+    (ct.AudioLessonPayload, "generate-audio-lesson", "payload", ""),
+    (ct.AudioLessonRow, "generate-audio-lesson", "result", ""),
+    (ct.SimpleAudioPayload, "create-simple-audio", "payload", ""),
+    (ct.SimpleAudioRow, "create-simple-audio", "result", ""),
 ]
 
 TYPED_IDS = [typed.__name__ for typed, *_ in TYPED]

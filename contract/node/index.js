@@ -19,3 +19,4 @@ export {
   enqueueProcessImage,
   makeJobId,
 } from './src/enqueue.js';
+export { AUDIO_QUEUE, enqueueCreateSimpleAudio, enqueueGenerateAudioLesson } from './src/audio.js';

@@ -33,7 +33,8 @@ REGION_VARIABLE = "AWS_REGION"
 DEFAULT_REGION = "us-east-1"
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
-DEFAULT_RETRY_AFTER_S = 5.0
+# Throttling without Retry-After (Polly sends none): its limits are requests per second.
+DEFAULT_RETRY_AFTER_S = 1.0
 
 _THROTTLING = frozenset(
     {"ThrottlingException", "Throttling", "ThrottledException", "TooManyRequestsException",

@@ -152,9 +152,7 @@ def join(pieces: Iterable[bytes]) -> Mp3Stream:
     parsed = list(_parse_each(pieces))
     kinds = {p.header.kind: p.header for p in parsed if p.header is not None}
     if len(kinds) > 1:
-        raise InvalidMp3(
-            "the pieces differ: " + "; ".join(h.describe() for h in kinds.values())
-        )
+        raise InvalidMp3("the pieces differ: " + "; ".join(h.describe() for h in kinds.values()))
     return Mp3Stream(
         b"".join(p.frames for p in parsed),
         sum(p.frame_count for p in parsed),

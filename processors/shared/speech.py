@@ -180,6 +180,24 @@ class Synthesizer:
         self.client = client
         self.provider = provider
 
+    async def read_aloud(self, text: str, language: str | None, ctx: JobContext) -> Speech:
+        """`speak` in the voice for `language`, with the job's log line: characters, cost."""
+        voice, known = voice_for(language)
+        if not known:
+            ctx.log.warning("No Polly voice for language {!r}; using {}", language,
+                            voice.describe())  # fmt: skip
+        speech = await self.speak(text, voice, ctx)
+        ctx.log.info(
+            "Polly: {} characters ({}) in {} chunk(s), ~${:.4f}, {:.1f} s of audio, voice {}",
+            speech.characters,
+            speech.unit,
+            speech.chunks,
+            speech.usd,
+            speech.duration_s,
+            voice.describe(),
+        )
+        return speech
+
     async def speak(self, text: str, voice: Voice, ctx: JobContext) -> Speech:
         chunks = split_text(text)
         if not chunks:
@@ -195,7 +213,7 @@ class Synthesizer:
         try:
             joined = mp3.join(pieces)
         except mp3.InvalidMp3 as exc:  # not ours to fix, and maybe not Polly's next time
-            raise RetryableJobError(f"{SERVICE} returned audio that is not clean MP3: {exc}")
+            raise RetryableJobError(f"{SERVICE} returned audio that is not MP3: {exc}") from exc
         if joined.frame_count == 0:
             raise RetryableJobError(f"{SERVICE} returned no audio frames")
         return Speech(joined.frames, joined.duration_s, characters, usd, len(chunks), voice)

@@ -10,16 +10,7 @@ import {
   idempotencyKey,
   makeJobId,
 } from '../index.js';
-
-// Stands in for a bullmq Queue: records what would have been added.
-function fakeQueue() {
-  const added = [];
-  const add = async (name, data, opts) => {
-    added.push({ name, data, opts });
-    return { id: opts.jobId, name, data, opts };
-  };
-  return { added, add };
-}
+import { fakeQueue } from './support/fake-queue.mjs';
 
 const flashcards = examples('generate-flashcards', 'payload', 'valid').find(
   (e) => e.file === 'interop-test-vector.json',

@@ -13,7 +13,14 @@ import {
 const validators = { payload: validatePayload, result: validateResult };
 
 test('job types are the folders of the contract', () => {
-  assert.deepEqual(JOB_TYPES, ['generate-flashcards', 'generate-lesson', 'ping', 'process-image']);
+  assert.deepEqual(JOB_TYPES, [
+    'create-simple-audio',
+    'generate-audio-lesson',
+    'generate-flashcards',
+    'generate-lesson',
+    'ping',
+    'process-image',
+  ]);
   assert.ok(Object.isFrozen(JOB_TYPES));
 });
 
