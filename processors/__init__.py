@@ -20,7 +20,9 @@ MODULES: tuple[str, ...] = (
     "generate_flashcards",
     "generate_lesson",
     "process_image",
-    "assess_pronunciation",
+    "assess_pronunciation",  # queue audio-jobs
+    "generate_audio_lesson",  # queue audio-jobs
+    "create_simple_audio",  # queue audio-jobs
 )
 
 

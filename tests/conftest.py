@@ -11,7 +11,7 @@ from tests.support.node_bridge import NodeBridge
 from tests.support.redis_server import session_redis
 
 # openai_fake, db, stand_in_env: the OpenAI and PostgREST stand-ins, for any module that asks.
-pytest_plugins = ["tests.fakes.fixtures"]
+pytest_plugins = ["tests.fakes.fixtures", "tests.fakes.aws_fixtures"]
 
 NODE_VERSIONS = ("5", "6")
 

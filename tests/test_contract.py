@@ -20,6 +20,8 @@ from worker.errors import ContractViolation, InvalidPayload, UnknownJobType
 ROOT = contract_module.DEFAULT_ROOT
 JOB_NAMES = [
     "assess-pronunciation",
+    "create-simple-audio",
+    "generate-audio-lesson",
     "generate-flashcards",
     "generate-lesson",
     "ping",
@@ -302,6 +304,10 @@ TYPED: list[tuple[type, str, Kind, str]] = [
         "result",
         "/$defs/word/properties/phonemes/items",
     ),
+    (ct.AudioLessonPayload, "generate-audio-lesson", "payload", ""),
+    (ct.AudioLessonRow, "generate-audio-lesson", "result", ""),
+    (ct.SimpleAudioPayload, "create-simple-audio", "payload", ""),
+    (ct.SimpleAudioRow, "create-simple-audio", "result", ""),
 ]
 
 TYPED_IDS = [typed.__name__ for typed, *_ in TYPED]

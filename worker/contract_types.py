@@ -207,3 +207,44 @@ class PronunciationAssessment(TypedDict):
 class PronunciationResult(TypedDict):
     success: Literal[True]
     result: PronunciationAssessment
+
+
+# --- generate-audio-lesson, create-simple-audio (queue audio-jobs) -------------------
+
+
+class AudioLessonPayload(TypedDict):
+    lessonId: str | int
+    userId: str
+    language: NotRequired[str]  # the voice's language; default English (Joanna, en-US)
+
+
+class AudioLessonRow(TypedDict):
+    """The audio_lessons row a generate-audio-lesson job returns (it may carry more columns)."""
+
+    id: str | int
+    user_id: str
+    lesson_id: str | int
+    title: str | None
+    status: Literal["completed"]
+    audio_url: str
+    audio_file_path: str  # the S3 key
+    audio_duration: float  # seconds
+
+
+class SimpleAudioPayload(TypedDict):
+    title: str
+    scriptText: str  # at most 100,000 characters
+    userId: str
+    nativeLanguage: NotRequired[str]  # the voice's language; default English
+
+
+class SimpleAudioRow(TypedDict):
+    """The audio_lessons row a create-simple-audio job returns (it may carry more columns)."""
+
+    id: str | int
+    user_id: str
+    title: str
+    status: Literal["completed"]
+    audio_url: str
+    audio_file_path: str  # the path inside the Audio_Lessons bucket
+    audio_duration: float  # seconds

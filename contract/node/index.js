@@ -19,4 +19,9 @@ export {
   enqueueProcessImage,
   makeJobId,
 } from './src/enqueue.js';
-export { AUDIO_JOBS_QUEUE, enqueueAssessPronunciation } from './src/assess-pronunciation.js';
+export {
+  AUDIO_QUEUE,
+  enqueueAssessPronunciation,
+  enqueueCreateSimpleAudio,
+  enqueueGenerateAudioLesson,
+} from './src/audio.js';

@@ -43,34 +43,10 @@ class LessonStore:
 
     async def insert_lesson(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Insert `row` (which carries its `id`) unless a row with that id exists; the row."""
-        try:
-            response = await (
-                self.client.table(LESSONS)
-                .upsert(dict(row), on_conflict="id", ignore_duplicates=True)
-                .execute()
-            )
-        except (APIError, httpx.HTTPError) as exc:
-            raise classify_db_error(exc, f"save the lesson {row['title']!r}") from exc
-        rows = [r for r in _rows(response.data) if str(r.get("id")) == str(row["id"])]
-        if rows:
-            return rows[0]
-        # ON CONFLICT DO NOTHING returns no row for one that was already there: read it.
-        existing = await self.get_lesson(str(row["id"]))
-        if existing is None:
-            raise RetryableJobError(
-                f"Supabase returned no {LESSONS} row after saving lesson {row['id']}"
-            )
-        return existing
+        return await insert_once(self.client, LESSONS, row, f"save the lesson {row['title']!r}")
 
     async def get_lesson(self, lesson_id: str) -> dict[str, Any] | None:
-        try:
-            response = await (
-                self.client.table(LESSONS).select("*").eq("id", lesson_id).limit(1).execute()
-            )
-        except (APIError, httpx.HTTPError) as exc:
-            raise classify_db_error(exc, f"read lesson {lesson_id}") from exc
-        rows = _rows(response.data)
-        return rows[0] if rows else None
+        return await get_by_id(self.client, LESSONS, lesson_id, f"read lesson {lesson_id}")
 
     async def vocabulary_written(self, lesson_id: str) -> bool:
         try:
@@ -112,6 +88,37 @@ class LessonStore:
             raise classify_db_error(exc, f"save the conversation of lesson {lesson_id}") from exc
         rows = _rows(response.data)
         return rows[0] if rows else None
+
+
+async def insert_once(
+    client: AsyncPostgrestClient, table: str, row: Mapping[str, Any], doing: str
+) -> dict[str, Any]:
+    """`INSERT ... ON CONFLICT (id) DO NOTHING` of `row` (which carries its `id`), then the row
+    with that id: the one inserted, or the one a crashed earlier run had inserted."""
+    try:
+        query = client.table(table).upsert(dict(row), on_conflict="id", ignore_duplicates=True)
+        response = await query.execute()
+    except (APIError, httpx.HTTPError) as exc:
+        raise classify_db_error(exc, doing) from exc
+    rows = [r for r in _rows(response.data) if str(r.get("id")) == str(row["id"])]
+    if rows:
+        return rows[0]
+    # ON CONFLICT DO NOTHING returns no row for one that was already there: read it.
+    existing = await get_by_id(client, table, str(row["id"]), doing)
+    if existing is None:
+        raise RetryableJobError(f"Supabase returned no {table} row {row['id']} after saving it")
+    return existing
+
+
+async def get_by_id(
+    client: AsyncPostgrestClient, table: str, row_id: str, doing: str
+) -> dict[str, Any] | None:
+    try:
+        response = await client.table(table).select("*").eq("id", row_id).limit(1).execute()
+    except (APIError, httpx.HTTPError) as exc:
+        raise classify_db_error(exc, doing) from exc
+    rows = _rows(response.data)
+    return rows[0] if rows else None
 
 
 def _rows(data: Any) -> list[dict[str, Any]]:

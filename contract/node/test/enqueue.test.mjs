@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
-  AUDIO_JOBS_QUEUE,
+  AUDIO_QUEUE,
   ContractError,
   DEFAULT_JOB_OPTIONS,
   PRIORITY,
@@ -12,16 +12,7 @@ import {
   idempotencyKey,
   makeJobId,
 } from '../index.js';
-
-// Stands in for a bullmq Queue: records what would have been added.
-function fakeQueue() {
-  const added = [];
-  const add = async (name, data, opts) => {
-    added.push({ name, data, opts });
-    return { id: opts.jobId, name, data, opts };
-  };
-  return { added, add };
-}
+import { fakeQueue } from './support/fake-queue.mjs';
 
 const flashcards = examples('generate-flashcards', 'payload', 'valid').find(
   (e) => e.file === 'interop-test-vector.json',
@@ -112,7 +103,7 @@ test('enqueueProcessImage: web service job id and defaults, no idempotency key',
 });
 
 test('assess-pronunciation goes to audio-jobs', () => {
-  assert.equal(AUDIO_JOBS_QUEUE, 'audio-jobs');
+  assert.equal(AUDIO_QUEUE, 'audio-jobs');
 });
 
 test('enqueueAssessPronunciation: web service job id and defaults, no idempotency key', async () => {

@@ -15,6 +15,8 @@ const validators = { payload: validatePayload, result: validateResult };
 test('job types are the folders of the contract', () => {
   assert.deepEqual(JOB_TYPES, [
     'assess-pronunciation',
+    'create-simple-audio',
+    'generate-audio-lesson',
     'generate-flashcards',
     'generate-lesson',
     'ping',

@@ -1,0 +1,99 @@
+"""What the two audio job types share: their settings, and one resumable run with its final failure.
+
+Both need AWS (Polly; S3 for `generate-audio-lesson`) and Supabase. Without the AWS keys or
+without Supabase the job type is not built (`ProviderMissing`: start-up and `check` list it
+as disabled with the variables it needs, and its jobs fail at once with that sentence).
+
+`run_once` wraps a job's steps: a result already saved in the job's state (a re-run after a
+crash between "returned" and "marked completed") is answered from there; a final failure (a
+permanent error, or any error on the last attempt; never a Deferred, which parks the job)
+calls the job's `failed` hook once, whose own failure is logged and never hides the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from processors.shared.aws import KEY_ID_VARIABLE, SECRET_VARIABLE, AwsSettings
+from processors.shared.job_state import JobState
+from processors.shared.speech import Synthesizer
+from processors.shared.supabase_client import KEY_VARIABLES, URL_VARIABLES, SupabaseSettings
+from worker.context import JobContext
+from worker.errors import ConfigProblems, Deferred, JobError, PermanentJobError, ProviderMissing
+from worker.providers import POLLY, Provider, ProviderSettings
+from worker.settings import _Reader
+
+URL_EXPIRES_VARIABLE = "AUDIO_URL_EXPIRES_S"
+# SigV4 presigned URLs live at most 7 days; Storage's signed URLs get the same by default.
+MAX_URL_EXPIRES_S = 7 * 86_400
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    aws: AwsSettings
+    supabase: SupabaseSettings
+    polly: ProviderSettings
+    url_expires_s: int
+
+    @classmethod
+    def from_env(cls, job_name: str, env: Mapping[str, str]) -> AudioSettings:
+        """ProviderMissing without AWS keys or Supabase; ConfigError for malformed values."""
+        aws = AwsSettings.from_env(env)
+        problems = ConfigProblems()
+        supabase = problems.take(lambda: SupabaseSettings.from_env(env))
+        problems.raise_any()  # half a Supabase configuration stops start-up, as elsewhere
+        missing: list[str] = []
+        what: list[str] = []
+        if aws is None:
+            missing += [KEY_ID_VARIABLE, SECRET_VARIABLE]
+            what.append("AWS (Polly)")
+        if supabase is None:
+            missing += [URL_VARIABLES[-1], KEY_VARIABLES[0]]
+            what.append("Supabase")
+        if missing:
+            raise ProviderMissing(job_name, " and ".join(what), missing)
+        assert aws is not None and supabase is not None
+        polly = problems.take(lambda: ProviderSettings.from_env(POLLY, env))
+        expires = _Reader(env, problems).integer(URL_EXPIRES_VARIABLE, MAX_URL_EXPIRES_S,
+                                                 low=60, high=MAX_URL_EXPIRES_S)  # fmt: skip
+        problems.raise_any()
+        assert polly is not None and expires is not None
+        return cls(aws, supabase, polly, expires)
+
+    def synthesizer(self) -> Synthesizer:
+        return Synthesizer(self.aws.client("polly"), Provider(self.polly))
+
+
+Failed = Callable[[JobState, str], Awaitable[None]]
+
+
+async def run_once(
+    ctx: JobContext,
+    steps: Callable[[JobState], Awaitable[dict[str, Any]]],
+    failed: Failed,
+) -> dict[str, Any]:
+    """`steps(state)` once per job: resumed from the state, its final failure recorded once."""
+    state = await JobState.load(ctx.redis, ctx.state_key)
+    if (done := state.get("result")) is not None:
+        ctx.log.info("Audio already made by an earlier run; returning its result")
+        await ctx.progress(100)
+        return dict(done)
+    if not state.is_fresh:
+        ctx.log.info("Resuming from the saved state: {}", ", ".join(sorted(state.fields)))
+    try:
+        result = await steps(state)
+    except Deferred:
+        raise  # parked without using an attempt; the next run resumes here
+    except Exception as exc:
+        if isinstance(exc, PermanentJobError) or ctx.is_last_attempt:
+            reason = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
+            try:
+                await failed(state, reason)
+            except Exception as hook_error:
+                ctx.log.warning("Could not record the failure in Supabase: {}", hook_error)
+        raise
+    await state.finish(result)
+    await ctx.progress(100)
+    return result
