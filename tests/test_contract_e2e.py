@@ -33,12 +33,14 @@ import processors
 from processors import ping as ping_module
 from processors.shared import url_fetch
 from processors.shared.audio import wav_bytes
+from tests.fakes.aws_fixtures import aws_variables, new_bucket
 from tests.fakes.azure_speech_server import KEY as AZURE_SPEECH_KEY
 from tests.fakes.azure_speech_server import FakeAzureSpeech
 from tests.fakes.azure_vision_server import KEY as AZURE_VISION_KEY
 from tests.fakes.azure_vision_server import FakeAzureVision, read_result
 from tests.fakes.fixtures import check_openai, stand_ins, users_table
 from tests.fakes.openai_server import completion
+from tests.fakes.polly_server import FakePolly
 from tests.support.harness import running_service, settings_for, unique_queue
 from tests.support.node_bridge import NodeBridge
 from worker.contract import Contract
@@ -88,6 +90,8 @@ FAKES_NEEDED = {
     "generate-lesson": ("openai_server", "postgrest_server"),
     "process-image": ("azure_vision_server", "postgrest_server"),
     "assess-pronunciation": ("azure_speech_server", "postgrest_server"),
+    "generate-audio-lesson": ("polly_server", "aws_fixtures", "postgrest_server"),
+    "create-simple-audio": ("polly_server", "aws_fixtures", "postgrest_server"),
 }
 
 
@@ -202,6 +206,16 @@ class World:
             if "storageBucket" in document:  # the user's upload, where the payload says
                 path = document["storagePath"]
                 self.db.storage.put(document["storageBucket"], path, b"\xff\xd8jpeg", "image/jpeg")
+        elif job == "generate-audio-lesson":  # the user's lesson, which the job reads aloud
+            lesson_id, user_id = document["lessonId"], document["userId"]
+            self.db.tables["esp_lessons"].append(
+                {"id": lesson_id, "user_id": user_id, "title": "Biología - Células",
+                 "subject": "Biología", "native_language": "Spanish", "chat_content": None}
+            )  # fmt: skip
+            self.db.tables["lesson_vocabulary"].append(
+                {"lesson_id": lesson_id, "keywords": "célula", "definition": "la unidad de vida",
+                 "native_translation": "cell", "example_sentence_target": "La célula vive."}
+            )  # fmt: skip
         elif job == "assess-pronunciation" and "audioFilePath" in document:
             bucket, path = document["audioFilePath"].split("/", 1)
             self.db.storage.put(bucket, path, SILENCE_WAV, "audio/wav")
@@ -223,7 +237,7 @@ def build_registry(jobs: list[str], env: dict[str, str]) -> Registry:
 
 
 @pytest.fixture(scope="module")
-async def world(redis_url: str) -> AsyncIterator[World]:
+async def world(redis_url: str, request: pytest.FixtureRequest) -> AsyncIterator[World]:
     world = World(unique_queue("contract-e2e"))
     async with contextlib.AsyncExitStack() as stack:  # unwinds in reverse: service stops first
         if any(FAKES_NEEDED.get(job) for job in RUNNABLE):
@@ -241,6 +255,15 @@ async def world(redis_url: str) -> AsyncIterator[World]:
                           "AZURE_SPEECH_KEY": AZURE_SPEECH_KEY}  # fmt: skip
             # The examples' audioUrl hosts (cdn.example) do not exist: every URL is this WAV.
             patch.setattr(url_fetch, "download", _download_silence)
+        if {"generate-audio-lesson", "create-simple-audio"} & set(RUNNABLE):
+            world.db.tables["audio_lessons"] = []
+            polly = await stack.enter_async_context(FakePolly())
+            s3_server = request.getfixturevalue("s3_server")  # moto's S3, shared per session
+            variables = aws_variables(polly, s3_server, new_bucket(s3_server).name)
+            world.env |= variables
+            for name, value in variables.items():  # botocore reads the endpoints from os.environ
+                patch.setenv(name, value)
+            patch.delenv("AWS_ENDPOINT_URL", raising=False)
         stack.push_async_callback(_delete_queue_keys, redis_url, world.queue)
         registry = build_registry(RUNNABLE, world.env)
         await stack.enter_async_context(

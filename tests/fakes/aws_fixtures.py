@@ -51,6 +51,11 @@ class Bucket:
 
 @pytest.fixture
 def s3_bucket(s3_server: str) -> Bucket:
+    return new_bucket(s3_server)
+
+
+def new_bucket(s3_server: str) -> Bucket:
+    """A bucket of its own on the session's S3 server, with a client to read it back."""
     import boto3
 
     client = boto3.client(
