@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -307,3 +308,21 @@ def _contract() -> Any:
     from worker.contract import Contract
 
     return Contract.load()
+
+
+async def test_stats_shows_every_queue_consumed_or_the_one_asked_for(
+    node6: NodeBridge, redis_url: str, queue_name: str, other_queue: str
+) -> None:
+    env = {"REDIS_URL": redis_url, "WORKER_QUEUES": f"{queue_name},{other_queue}"}
+    await node6.add(other_queue, "ping", {})
+    both = await WorkerProcess.start(env, "stats")
+    assert await both.wait() == 0, both.output
+    added = await WorkerProcess.start(env, "enqueue", "ping", "--queue", other_queue)
+    assert await added.wait() == 0, added.output
+    one = await WorkerProcess.start(env, "stats", "--queue", other_queue)
+    assert await one.wait() == 0, one.output
+    answers = [json.loads(line) for line in both.lines]
+    assert [(a["stats"]["queue"], a["stats"]["waiting"]) for a in answers] == [
+        (queue_name, 0), (other_queue, 1),
+    ]  # fmt: skip
+    assert [json.loads(line)["stats"]["waiting"] for line in one.lines] == [2]
