@@ -213,7 +213,16 @@ class Service:
         except OSError as exc:
             raise s.health_port_error(exc) from exc
         logger.info("Health check server listening on port {}", port)
-        await asyncio.gather(*(w.start(s.startup_timeout_s) for w in self.workers.values()))
+        starts = [
+            asyncio.ensure_future(w.start(s.startup_timeout_s)) for w in self.workers.values()
+        ]
+        try:
+            await asyncio.gather(*starts)
+        except BaseException:  # one queue cannot start: the others stop trying (then stop())
+            for task in starts:
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            raise
         logger.info("Worker initialization complete, waiting for jobs...")
         self._own(self._watch_loop_lag(), "loop-lag")
         for name, worker in self.workers.items():
