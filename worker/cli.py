@@ -9,6 +9,7 @@ import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from loguru import logger
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the worker service (the default)")
     # Commands beside the service: each Redis step gives up after this long, saying why.
     bounded = argparse.ArgumentParser(add_help=False)
+    # A queue of one's choice, where WORKER_QUEUES names several (or none of them).
+    one_queue = argparse.ArgumentParser(add_help=False)
+    one_queue.add_argument(
+        "--queue",
+        metavar="NAME",
+        help="this queue (default: enqueue: the first of WORKER_QUEUES; stats: each of them)",
+    )
     bounded.add_argument(
         "--redis-timeout",
         type=_seconds,
@@ -89,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check settings, Redis and processors; exit 0 when fit to run",
     )
     enqueue = sub.add_parser(
-        "enqueue", parents=[bounded], help="add a job the way the web service does"
+        "enqueue", parents=[bounded, one_queue], help="add a job the way the web service does"
     )
     enqueue.add_argument("name", help="job type, e.g. ping")
     enqueue.add_argument("--data", default="{}", help="the payload as JSON")
@@ -100,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--timeout", type=float, default=300.0, help="seconds to --wait (300)")
     enqueue.add_argument("--no-validate", action="store_true", help="skip the contract check")
     stats_parser = sub.add_parser(
-        "stats", parents=[bounded], help="print the web service's /api/queue/stats answer"
+        "stats",
+        parents=[bounded, one_queue],
+        help="print the web service's /api/queue/stats answer",
     )
     stats_parser.add_argument(
         "--all",
@@ -138,11 +148,16 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
     timeout_s = args.redis_timeout or settings.cli_timeout_s
     if command == "check":
         return asyncio.run(check(settings, env, timeout_s))
+    queues = [args.queue] if getattr(args, "queue", None) else [q.name for q in settings.consumed]
     if command == "enqueue":
-        return _with_redis(enqueue(settings, args, timeout_s))
+        return _with_redis(enqueue(replace(settings, queue=queues[0]), args, timeout_s))
     if command == "stats":
         capacity = args.drain_within if args.capacity else None
-        return _with_redis(stats(settings, timeout_s, args.all, capacity))
+        for queue in queues:  # one answer per queue, each as the web service's route gives it
+            code = _with_redis(stats(replace(settings, queue=queue), timeout_s, args.all, capacity))
+            if code:
+                return code
+        return 0
     raise AssertionError(command)
 
 
@@ -212,12 +227,15 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
         print(f"[{status:>4}] {text}")
 
     s = settings
-    line(
-        "ok",
-        f"settings: queue {s.queue}, prefix {s.prefix}, concurrency {s.concurrency}, "
-        f"limiter {describe_limiter(s)}, health port {s.health_port}, "
-        f"grace {s.shutdown_grace_s:g} s",
-    )
+    queues = f"queue {s.queue}, prefix {s.prefix}, concurrency {s.concurrency}, limiter "
+    queues += describe_limiter(s)
+    if len(s.consumed) > 1:
+        each = [
+            f"{q.name} (concurrency {q.concurrency}, limiter {describe_limiter(s.for_queue(q))})"
+            for q in s.consumed
+        ]
+        queues = f"queues {', '.join(each)}, prefix {s.prefix}"
+    line("ok", f"settings: {queues}, health port {s.health_port}, grace {s.shutdown_grace_s:g} s")
     for warning in unread_variables(env):
         line("warn", warning)
     status, text = await _health_port(s)

@@ -7,7 +7,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +34,18 @@ class QueueProbe:
     # What the worker's own Redis calls meet now (worker/backoff.py): reads may answer while
     # writes fail (a read-only replica after a failover).
     redis_problem: str | None = None
+
+
+@dataclass
+class QueueView:
+    """One consumed queue as /ready and /metrics see it: its own counters and slots, and how
+    to read its state in Redis."""
+
+    name: str
+    stats: Stats
+    concurrency: int
+    probe: Callable[[], Awaitable[QueueProbe]]
+    snapshot: Callable[[], Awaitable[QueueSnapshot]]
 
 
 def iso_now() -> str:
@@ -93,14 +105,17 @@ class HealthServer:
         host: str | None = None,  # None: every address, IPv6 and IPv4 (`listening_socket`)
         metrics: Metrics | None = None,
         snapshot: Callable[[], Awaitable[QueueSnapshot]] | None = None,
+        queues: Sequence[QueueView] = (),
     ) -> None:
+        """`stats`, `probe`, `concurrency` and `snapshot`: the one queue's, unless `queues`
+        names every queue consumed (`stats` then the totals over all of them)."""
         self.stats = stats
         self.prometheus = metrics or Metrics("", lambda: stats.currently_processing)
-        self.snapshot = snapshot or _no_snapshot
         self.port = port
         self.host = host
-        self.probe = probe
-        self.concurrency = concurrency
+        self.queues = list(queues) or [
+            QueueView(self.prometheus.queue, stats, concurrency, probe, snapshot or _no_snapshot)
+        ]
         self.ready_stall_s = ready_stall_s
         self.draining = False
         self._runner: web.AppRunner | None = None
@@ -131,8 +146,10 @@ class HealthServer:
             self._runner = None
 
     def health_body(self) -> dict[str, Any]:
+        """INTEROP §6's keys, in its order; `stats` over every queue. Several queues add
+        `queues` (each one's stats, by name) after them: scripts grep the seed's bytes."""
         uptime = self.stats.uptime_ms
-        return {
+        body: dict[str, Any] = {
             "status": "healthy",
             "service": "worker",
             "uptime": uptime,
@@ -141,17 +158,37 @@ class HealthServer:
             "timestamp": iso_now(),
             "pid": os.getpid(),
         }
+        if len(self.queues) > 1:
+            body["queues"] = {view.name: view.stats.as_health() for view in self.queues}
+        return body
 
     async def health(self, request: web.Request) -> web.Response:
         return express_json(self.health_body())
 
     async def readiness(self) -> tuple[bool, str]:
+        """Ready when every queue is; the reason names the queue when there are several."""
         if self.draining:
             return False, "draining: shutting down, not taking jobs"
         try:
-            probe = await asyncio.wait_for(self.probe(), timeout=REDIS_PING_TIMEOUT_S)
+            probes = await asyncio.wait_for(
+                asyncio.gather(*(view.probe() for view in self.queues)),
+                timeout=REDIS_PING_TIMEOUT_S,
+            )
         except Exception as exc:
             return False, f"redis unreachable: {type(exc).__name__}"
+        answers = [
+            (view, *self._queue_readiness(view, probe))
+            for view, probe in zip(self.queues, probes, strict=True)
+        ]
+        if len(answers) == 1:
+            return answers[0][1], answers[0][2]
+        not_ready = [(view, reason) for view, ok, reason in answers if not ok]
+        shown = not_ready or [(view, reason) for view, _, reason in answers if reason != "ok"]
+        if not shown:
+            return True, "ok"
+        return not not_ready, "; ".join(f"{view.name}: {reason}" for view, reason in shown)
+
+    def _queue_readiness(self, view: QueueView, probe: QueueProbe) -> tuple[bool, str]:
         if probe.redis_problem:
             return False, f"redis: {probe.redis_problem}"
         if probe.paused:
@@ -159,9 +196,10 @@ class HealthServer:
         if probe.rate_limited_ms > 1000:
             # Paused by queue.rateLimit (a Node worker meeting a 429): not a stopped worker.
             return True, f"queue rate-limited for {probe.rate_limited_ms / 1000:.0f} s more"
-        last = self.stats.last_pickup_monotonic or self.stats.started_monotonic
+        stats = view.stats
+        last = stats.last_pickup_monotonic or stats.started_monotonic
         idle_s = time.monotonic() - last
-        has_free_slot = self.stats.currently_processing < self.concurrency
+        has_free_slot = stats.currently_processing < view.concurrency
         if probe.waiting > 0 and has_free_slot and idle_s > self.ready_stall_s:
             return False, (
                 f"stuck: {probe.waiting} jobs waiting, none taken for {idle_s:.0f} s"
@@ -179,7 +217,8 @@ class HealthServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text format 0.0.4, by prometheus_client (worker/metrics.py)."""
-        body = await self.prometheus.render(self.snapshot, REDIS_PING_TIMEOUT_S)
+        snapshots = {view.name: view.snapshot for view in self.queues}
+        body = await self.prometheus.render(snapshots, REDIS_PING_TIMEOUT_S)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -29,7 +29,7 @@ from worker.errors import Deferred, PermanentJobError
 from worker.joblog import JobLog
 from worker.keys import hash_tag, refused_wait_key, worker_alive_key, worker_runs_key
 from worker.logs import job_line, job_lines_on
-from worker.metrics import Metrics
+from worker.metrics import Metrics, QueueMetrics
 from worker.protocol import (
     ActiveJob,
     NextJob,
@@ -87,13 +87,15 @@ class JobLoop:
         stats: Stats,
         worker_id: str,
         identity: str | None = None,
-        metrics: Metrics | None = None,
+        metrics: QueueMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.protocol = protocol
         self.dispatcher = dispatcher
         self.stats = stats
-        self.metrics = metrics or Metrics(settings.queue, lambda: stats.currently_processing)
+        self.metrics: QueueMetrics = metrics or Metrics(
+            settings.queue, lambda: stats.currently_processing
+        )
         self.id = worker_id  # lock tokens are `<id>:<n>`
         self.identity = identity  # stable across restarts (RAILWAY_REPLICA_ID / WORKER_NAME)
         self._slots: set[asyncio.Task[None]] = set()

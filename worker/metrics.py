@@ -12,7 +12,7 @@ trip to Redis), the in-flight jobs, and the standard `process_*` and `python_*` 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +51,61 @@ class QueueSnapshot:
     rate_limited_ms: int = 0
 
 
-class Metrics:
-    """The service's metrics; `render()` is the /metrics body."""
+class QueueMetrics:
+    """One queue's per-job series (the `queue` label); the counters are the service's."""
+
+    def __init__(self, metrics: Metrics, queue: str) -> None:
+        self.queue = queue
+        self._m = metrics
+        self._per_type: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
+
+    # -- per job (the hot path: a dict lookup, an increment and an observation) ------------------
+
+    def _children(self, job_type: str) -> tuple[Any, Any, dict[str, Any]]:
+        children = self._per_type.get(job_type)
+        if children is None:
+            m = self._m
+            outcomes = {o: m.jobs.labels(self.queue, job_type, o) for o in OUTCOMES}
+            children = (
+                m.duration.labels(self.queue, job_type),
+                m.wait.labels(self.queue, job_type),
+                outcomes,
+            )
+            self._per_type[job_type] = children
+        return children
+
+    def job_started(self, job_type: str, waited_s: float | None) -> None:
+        if waited_s is not None:
+            self._children(job_type)[1].observe(max(waited_s, 0.0))
+
+    def job_ended(self, job_type: str, outcome: str, duration_s: float) -> None:
+        duration, _, outcomes = self._children(job_type)
+        duration.observe(duration_s)
+        outcomes[outcome].inc()
+
+    def ai_usage(self, job_type: str, model: str, input_tokens: int, output_tokens: int) -> None:
+        """What a processor reports after each billed AI call (`ctx.ai_usage`)."""
+        m = self._m
+        given, output = m.prices.get(model) or m.prices["*"]
+        m.tokens.labels(self.queue, model, job_type, "input").inc(max(input_tokens, 0))
+        m.tokens.labels(self.queue, model, job_type, "output").inc(max(output_tokens, 0))
+        usd = (max(input_tokens, 0) * given + max(output_tokens, 0) * output) / 1_000_000
+        m.cost.labels(self.queue, model, job_type).inc(usd)
+
+    def provider_usage(self, job_type: str, provider: str, unit: str, amount: float) -> float:
+        """What a processor reports after each billed call (`ctx.provider_usage`): the units
+        counted and their estimated cost, which the processor puts in its log line."""
+        m = self._m
+        amount = max(float(amount), 0.0)
+        usd = amount * m.unit_prices.get((provider, unit), 0.0)
+        m.provider_units.labels(self.queue, provider, job_type, unit).inc(amount)
+        m.provider_cost.labels(self.queue, provider, job_type).inc(usd)
+        return usd
+
+
+class Metrics(QueueMetrics):
+    """The service's metrics; `render()` is the /metrics body. Itself the per-job series of its
+    first queue; `for_queue` gives those of every other queue the service consumes."""
 
     def __init__(
         self,
@@ -62,7 +115,7 @@ class Metrics:
         draining: Callable[[], float] = lambda: 0.0,
         provider_prices: Iterable[tuple[str, str, float]] = (),
     ) -> None:
-        self.queue = queue
+        super().__init__(self, queue)
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -116,79 +169,54 @@ class Metrics:
             ["queue", "provider", "job_type"],
             registry=r,
         )
-        in_flight_gauge = Gauge(
+        self._in_flight = Gauge(
             "worker_jobs_in_flight", "Jobs this process runs now", ["queue"], registry=r
         )
-        in_flight_gauge.labels(queue).set_function(in_flight)
+        self._in_flight.labels(queue).set_function(in_flight)
         Gauge(
             "worker_draining", "1 while shutting down (not taking jobs)", registry=r
         ).set_function(draining)
-        self._prices = {model: (given, output) for model, given, output in prices}
-        self._unit_prices = {(provider, unit): usd for provider, unit, usd in provider_prices}
-        self._per_type: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
-        self._queue_collector = _QueueCollector(queue)
+        self.prices = {model: (given, output) for model, given, output in prices}
+        self.unit_prices = {(provider, unit): usd for provider, unit, usd in provider_prices}
+        self._queue_collector = _QueueCollector([queue])
         r.register(self._queue_collector)
 
-    # -- per job (the hot path: a dict lookup, an increment and an observation) ------------------
-
-    def _children(self, job_type: str) -> tuple[Any, Any, dict[str, Any]]:
-        children = self._per_type.get(job_type)
-        if children is None:
-            outcomes = {o: self.jobs.labels(self.queue, job_type, o) for o in OUTCOMES}
-            children = (
-                self.duration.labels(self.queue, job_type),
-                self.wait.labels(self.queue, job_type),
-                outcomes,
-            )
-            self._per_type[job_type] = children
-        return children
-
-    def job_started(self, job_type: str, waited_s: float | None) -> None:
-        if waited_s is not None:
-            self._children(job_type)[1].observe(max(waited_s, 0.0))
-
-    def job_ended(self, job_type: str, outcome: str, duration_s: float) -> None:
-        duration, _, outcomes = self._children(job_type)
-        duration.observe(duration_s)
-        outcomes[outcome].inc()
-
-    def ai_usage(self, job_type: str, model: str, input_tokens: int, output_tokens: int) -> None:
-        """What a processor reports after each billed AI call (`ctx.ai_usage`)."""
-        given, output = self._prices.get(model) or self._prices["*"]
-        self.tokens.labels(self.queue, model, job_type, "input").inc(max(input_tokens, 0))
-        self.tokens.labels(self.queue, model, job_type, "output").inc(max(output_tokens, 0))
-        usd = (max(input_tokens, 0) * given + max(output_tokens, 0) * output) / 1_000_000
-        self.cost.labels(self.queue, model, job_type).inc(usd)
-
-    def provider_usage(self, job_type: str, provider: str, unit: str, amount: float) -> float:
-        """What a processor reports after each billed call (`ctx.provider_usage`): the units
-        counted and their estimated cost, which the processor puts in its log line."""
-        amount = max(float(amount), 0.0)
-        usd = amount * self._unit_prices.get((provider, unit), 0.0)
-        self.provider_units.labels(self.queue, provider, job_type, unit).inc(amount)
-        self.provider_cost.labels(self.queue, provider, job_type).inc(usd)
-        return usd
+    def for_queue(self, queue: str, in_flight: Callable[[], float]) -> QueueMetrics:
+        """The per-job series of `queue` (the first queue's are this object's own), with its
+        in-flight gauge and queue gauges."""
+        if queue == self.queue:
+            return self
+        self._in_flight.labels(queue).set_function(in_flight)
+        self._queue_collector.queues.append(queue)
+        return QueueMetrics(self, queue)
 
     # -- the scrape ------------------------------------------------------------------------------
 
     async def render(
-        self, snapshot: Callable[[], Awaitable[QueueSnapshot]], timeout_s: float = 2.0
+        self,
+        snapshots: Mapping[str, Callable[[], Awaitable[QueueSnapshot]]],
+        timeout_s: float = 2.0,
     ) -> bytes:
-        """The exposition text; the queue's gauges read now (absent when Redis does not answer
-        within `timeout_s`, with `worker_redis_up 0`)."""
-        try:
-            self._queue_collector.snapshot = await asyncio.wait_for(snapshot(), timeout_s)
-        except Exception:  # a scrape must still show the process
-            self._queue_collector.snapshot = None
+        """The exposition text; each queue's gauges read now by `snapshots[queue]` (absent when
+        Redis does not answer within `timeout_s`, with `worker_redis_up 0`)."""
+        names = list(snapshots)
+        read = await asyncio.gather(
+            *(asyncio.wait_for(snapshots[name](), timeout_s) for name in names),
+            return_exceptions=True,  # a scrape must still show the process
+        )
+        self._queue_collector.snapshots = {
+            name: None if isinstance(snap, BaseException) else snap
+            for name, snap in zip(names, read, strict=True)
+        }
         return generate_latest(self.registry)
 
 
 class _QueueCollector:
-    """BullMQ's job counts by state and the queue's limiter state, from the last snapshot."""
+    """Each queue's BullMQ job counts by state and limiter state, from the last snapshots."""
 
-    def __init__(self, queue: str) -> None:
-        self.queue = queue
-        self.snapshot: QueueSnapshot | None = None
+    def __init__(self, queues: list[str]) -> None:
+        self.queues = queues
+        self.snapshots: dict[str, QueueSnapshot | None] = {}
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # read at scrape time only: nothing to check at registration
@@ -197,11 +225,6 @@ class _QueueCollector:
         up = GaugeMetricFamily(
             "worker_redis_up", "1 when this scrape read the queue from Redis", labels=["queue"]
         )
-        snap = self.snapshot
-        up.add_metric([self.queue], 0 if snap is None else 1)
-        yield up
-        if snap is None:
-            return
         # BullMQ's exportPrometheusMetrics calls these bullmq_job_count, a name promtool
         # refuses (`_count` is a histogram's suffix): same figures, a name that passes.
         counts = GaugeMetricFamily(
@@ -209,20 +232,26 @@ class _QueueCollector:
             "Jobs in the queue by BullMQ state, as queue.getJobCounts() counts them",
             labels=["queue", "state"],
         )
-        for state in QUEUE_STATES:
-            counts.add_metric([self.queue, state], snap.counts.get(state, 0))
-        yield counts
         paused = GaugeMetricFamily(
             "worker_queue_paused",
             "1 while the queue is paused (queue.pause(): no worker takes jobs)",
             labels=["queue"],
         )
-        paused.add_metric([self.queue], int(snap.paused))
-        yield paused
         limited = GaugeMetricFamily(
             "worker_queue_rate_limited_seconds",
             "How long the queue-wide rate limit still holds every worker back (0: not limited)",
             labels=["queue"],
         )
-        limited.add_metric([self.queue], snap.rate_limited_ms / 1000)
-        yield limited
+        for queue in self.queues:
+            snap = self.snapshots.get(queue)
+            up.add_metric([queue], 0 if snap is None else 1)
+            if snap is None:
+                continue
+            for state in QUEUE_STATES:
+                counts.add_metric([queue, state], snap.counts.get(state, 0))
+            paused.add_metric([queue], int(snap.paused))
+            limited.add_metric([queue], snap.rate_limited_ms / 1000)
+        yield up
+        for family in (counts, paused, limited):
+            if family.samples:  # no queue read: absent, as before, rather than empty
+                yield family

@@ -439,10 +439,46 @@ def now_ms() -> int:
 # --- the queue ---------------------------------------------------------------------------------
 
 
-class QueueProtocol:
-    """One queue's keys and scripts over a command pool and one blocking connection."""
+class _Commands:
+    """The command client and the scripts registered on it. One serves every queue a service
+    consumes on a single node (`QueueProtocol(share=...)`): the scripts are the same Lua for
+    every queue (keys are arguments), so the queues share the pool's sockets and the lanes that
+    batch completions, and a replica's connections grow by one blocking connection per queue.
+    Closed when the last queue using it closes."""
 
-    def __init__(self, settings: Settings, worker_name: str | None = None) -> None:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.users = 0
+        self.scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(loadScript(file)) for name, file in SCRIPTS.items()
+        }
+        self.push_logs = redis.register_script(PUSH_LOGS)
+        # Every completion and failure of every slot runs this script: batch it when busy. One
+        # lane less than the pool leaves a socket for lock renewal and the rest. On a cluster the
+        # calls go through the cluster client one by one (autopipeline: `direct`).
+        finish = FINISH_WITH_LOGS_PRELUDE + loadScript(SCRIPTS["moveToFinished"])
+        self.move_to_finished = AutoPipelinedScript(
+            redis.register_script(finish), max_in_flight=COMMAND_CONNECTIONS - 1
+        )
+
+    async def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            await self.move_to_finished.aclose()
+            await self.redis.aclose()
+
+
+class QueueProtocol:
+    """One queue's keys and scripts over a command pool and one blocking connection. `share`:
+    another queue's protocol whose command pool and scripts this one uses too (one process
+    consuming several queues); on a Redis Cluster each queue keeps a cluster client of its own."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        worker_name: str | None = None,
+        share: QueueProtocol | None = None,
+    ) -> None:
         self.queue = settings.queue
         self.prefix = settings.prefix
         self.keys: dict[str, str] = QueueKeys(settings.prefix).getKeys(settings.queue)
@@ -457,13 +493,17 @@ class QueueProtocol:
         self.cluster = False
         self._blocking_at: tuple[str, int] | None = None  # cluster: the node of the marker's slot
         kwargs = _redis_kwargs(settings)
-        # Its connection class is the lanes' too (autopipeline: `pool.make_connection()`).
-        pool = BlockingConnectionPool(
-            max_connections=COMMAND_CONNECTIONS,
-            timeout=None,  # wait for a free socket; never fail a command for lack of one
-            **{**_redis_kwargs(settings, pool=True), **command_socket_options()},
-        )
-        self.redis: Redis = Redis.from_pool(pool)
+        if share is not None and not share.cluster:
+            commands = share._commands
+        else:
+            # Its connection class is the lanes' too (autopipeline: `pool.make_connection()`).
+            pool = BlockingConnectionPool(
+                max_connections=COMMAND_CONNECTIONS,
+                timeout=None,  # wait for a free socket; never fail a command for lack of one
+                **{**_redis_kwargs(settings, pool=True), **command_socket_options()},
+            )
+            commands = _Commands(Redis.from_pool(pool))
+        self._use(commands)
         # The blocking wait for jobs gets a connection of its own, with a socket timeout
         # longer than any BZPOPMIN (settings.REDIS_SOCKET_TIMEOUT_S). Named on every connect
         # (redis-py sends CLIENT SETNAME), so a reconnected worker stays listed.
@@ -473,23 +513,17 @@ class QueueProtocol:
         self._fixed_finished_keys: dict[str, list[bytes]] = {}
         self._marker_b = self.keys["marker"].encode()
         self._prefix_b = self.key_prefix.encode()
-        self._register_scripts()
         self._reset_at = 0.0
         if settings.redis.cluster:
             self.use_cluster()
 
-    def _register_scripts(self) -> None:
-        self.scripts: dict[str, AsyncScript] = {
-            name: self.redis.register_script(loadScript(file)) for name, file in SCRIPTS.items()
-        }
-        self.push_logs = self.redis.register_script(PUSH_LOGS)
-        # Every completion and failure of every slot runs this script: batch it when busy. One
-        # lane less than the pool leaves a socket for lock renewal and the rest. On a cluster the
-        # calls go through the cluster client one by one (autopipeline: `direct`).
-        finish = FINISH_WITH_LOGS_PRELUDE + loadScript(SCRIPTS["moveToFinished"])
-        self.move_to_finished = AutoPipelinedScript(
-            self.redis.register_script(finish), max_in_flight=COMMAND_CONNECTIONS - 1
-        )
+    def _use(self, commands: _Commands) -> None:
+        self._commands = commands
+        commands.users += 1
+        self.redis: Redis = commands.redis
+        self.scripts = commands.scripts
+        self.push_logs = commands.push_logs
+        self.move_to_finished = commands.move_to_finished
 
     def use_cluster(self) -> None:
         """Speak to a Redis Cluster, before `connect`: commands and scripts through redis-py's
@@ -501,8 +535,9 @@ class QueueProtocol:
         self.cluster = True
         settings = self._settings
         # The command surface used here (commands, scripts, pipelines) is the same on both.
-        self.redis = cast("Redis", cluster_client(settings))
-        self._register_scripts()
+        # Not yet connected (before `connect`): the single-node client is dropped unused.
+        self._commands.users -= 1
+        self._use(_Commands(cast("Redis", cluster_client(settings))))
         self.blocking = self._blocking_client(settings.redis.host, settings.redis.port)
         self._blocking_at = None
 
@@ -578,9 +613,8 @@ class QueueProtocol:
         return True
 
     async def close(self) -> None:
-        await self.move_to_finished.aclose()
         await self.blocking.aclose()
-        await self.redis.aclose()
+        await self._commands.release()  # closed by the last queue that uses it
 
     # -- fetching ------------------------------------------------------------------------------
 

@@ -17,19 +17,23 @@ from worker import __version__
 from worker.contract import Contract
 from worker.dispatch import Dispatcher, state_key_for
 from worker.errors import ConfigError
-from worker.health import HealthServer, QueueProbe
+from worker.health import HealthServer, QueueProbe, QueueView
 from worker.logs import Redactor, flush_logs, secrets_from_env
 from worker.loop import JobLoop, RedisUnavailable
-from worker.metrics import Metrics, QueueSnapshot
+from worker.metrics import Metrics, QueueMetrics, QueueSnapshot
 from worker.protocol import QueueProtocol
 from worker.registry import Registry
-from worker.settings import Settings
-from worker.stats import Stats
+from worker.settings import QueueSettings, Settings
+from worker.stats import QueueStats, Stats
 
 LOOP_LAG_WARN_S = 1.0
 
 
 class Service:
+    """Every queue the settings name (WORKER_QUEUES), each consumed by a JobLoop of its own (its
+    slots, limiter and blocking connection), around one registry, one health server, one
+    signal handler and one shutdown; /health and the statistics count every queue together."""
+
     def __init__(
         self,
         settings: Settings,
@@ -42,10 +46,10 @@ class Service:
         self.redact = redact or Redactor(secrets_from_env(os.environ, [settings.redis.password]))
         self.registry = registry
         self.contract = contract
-        self.stats = Stats()
+        self.stats = Stats()  # every queue's jobs: /health, the WORKER STATISTICS block
         self.metrics = Metrics(
             settings.queue,
-            lambda: self.stats.currently_processing,
+            lambda: self.worker.stats.currently_processing if self.worker is not None else 0,
             settings.ai_prices,
             draining=lambda: float(self.health is not None and self.health.draining),
             provider_prices=settings.provider_prices,
@@ -53,7 +57,8 @@ class Service:
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.worker: JobLoop | None = None
+        self.worker: JobLoop | None = None  # the first queue's
+        self.workers: dict[str, JobLoop] = {}  # every queue's, by name
         self.health: HealthServer | None = None
         self._stopped = False
         self.exit_code = 0  # non-zero when the service stops because something broke
@@ -111,50 +116,84 @@ class Service:
 
     def _build(self) -> JobLoop:
         s = self.settings
-        worker_id = uuid.uuid4().hex
-        protocol = QueueProtocol(s, s.worker_name)
+        worker_id = uuid.uuid4().hex  # one per process: lock tokens and heartbeats are per queue
+        identity = self.identity(worker_id)
+        first: QueueProtocol | None = None
+        for queue in s.consumed:
+            protocol = QueueProtocol(s.for_queue(queue), s.worker_name, share=first)
+            first = first or protocol
+            self.workers[queue.name] = self._loop(queue, protocol, identity, worker_id)
+        self.worker = next(iter(self.workers.values()))
+        return self.worker
+
+    def _loop(
+        self,
+        queue: QueueSettings,
+        protocol: QueueProtocol,
+        identity: dict[str, Any],
+        worker_id: str,
+    ) -> JobLoop:
+        """One queue's loop. Alone, it counts in the service's own Stats and Metrics (nothing
+        more per job than before); beside others, in its own, which add up into them."""
+        s = self.settings
+        stats: Stats = self.stats
+        metrics: QueueMetrics = self.metrics
+        if len(s.consumed) > 1:
+            stats = QueueStats(self.stats)
+            metrics = self.metrics.for_queue(queue.name, lambda: stats.currently_processing)
         dispatcher = Dispatcher(
             self.registry,
             self.contract,
-            self.identity(worker_id),
+            identity,
             protocol.redis,
-            state_key_for(s.prefix, s.queue),
+            state_key_for(s.prefix, queue.name),
             protocol.update_progress,
             s.job_timeout_s,
             self.redact,
-            self.metrics.ai_usage,
-            self.metrics.provider_usage,
+            metrics.ai_usage,
+            metrics.provider_usage,
         )
-        self.worker = JobLoop(
-            s, protocol, dispatcher, self.stats, worker_id, s.instance_id, self.metrics
+        return JobLoop(
+            s.for_queue(queue), protocol, dispatcher, stats, worker_id, s.instance_id, metrics
         )
-        return self.worker
 
     async def run_until_idle(self) -> None:
-        """Process what the queue holds, then return (no health server, no signals)."""
-        await self._build().run_until_idle(self.settings.startup_timeout_s)
+        """Process what the queues hold, then return (no health server, no signals)."""
+        self._build()
+        await asyncio.gather(
+            *(w.run_until_idle(self.settings.startup_timeout_s) for w in self.workers.values())
+        )
 
     async def start(self) -> None:
         """Health server up, banner out, worker consuming."""
         s = self.settings
-        worker = self._build()
+        self._build()
+        views = [self._view(name, worker) for name, worker in self.workers.items()]
         health = HealthServer(
-            self.stats, s.health_port, self._probe, s.concurrency, s.ready_stall_s,
-            metrics=self.metrics, snapshot=self._snapshot,
+            self.stats, s.health_port, views[0].probe, s.concurrency, s.ready_stall_s,
+            metrics=self.metrics, queues=views,
         )  # fmt: skip
         self.health = health
 
         logger.info("=" * 60)
         logger.info("WORKER SERVICE STARTED")
-        logger.info("Queue: {}", s.queue)
-        logger.info("Concurrency: {} jobs in parallel", s.concurrency)
+        if len(s.consumed) == 1:
+            logger.info("Queue: {}", s.queue)
+            logger.info("Concurrency: {} jobs in parallel", s.concurrency)
+        else:
+            for queue in s.consumed:
+                logger.info(
+                    "Queue: {} | concurrency {} | limiter {}", queue.name, queue.concurrency,
+                    _limiter(s.for_queue(queue)),
+                )  # fmt: skip
+            logger.info("Concurrency: {} jobs in parallel", sum(q.concurrency for q in s.consumed))
         logger.info("Environment: {}", s.environment)
         logger.info(
-            "Redis: {} (from {}) | prefix {} | limiter {}",
+            "Redis: {} (from {}) | prefix {}{}",
             s.redis.redacted_url,
             s.redis.source,
             s.prefix,
-            f"{s.limiter_max} jobs per {s.limiter_duration_ms} ms" if s.limiter else "off",
+            f" | limiter {_limiter(s)}" if len(s.consumed) == 1 else "",
         )
         if s.redis.tls_insecure:
             logger.warning(
@@ -174,10 +213,20 @@ class Service:
         except OSError as exc:
             raise s.health_port_error(exc) from exc
         logger.info("Health check server listening on port {}", port)
-        await worker.start(s.startup_timeout_s)
+        starts = [
+            asyncio.ensure_future(w.start(s.startup_timeout_s)) for w in self.workers.values()
+        ]
+        try:
+            await asyncio.gather(*starts)
+        except BaseException:  # one queue cannot start: the others stop trying (then stop())
+            for task in starts:
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            raise
         logger.info("Worker initialization complete, waiting for jobs...")
         self._own(self._watch_loop_lag(), "loop-lag")
-        self._own(self._watch_slots(worker), "slot-watch")
+        for name, worker in self.workers.items():
+            self._own(self._watch_slots(worker), f"slot-watch-{name}")
 
     async def stop(self) -> None:
         """Graceful shutdown within the grace period, then the statistics block. Idempotent."""
@@ -186,8 +235,8 @@ class Service:
         self._stopped = True
         self._stop.set()
         try:
-            if self.worker is not None and self.health is not None:
-                await self._shutdown(self.worker, self.health)
+            if self.workers and self.health is not None:
+                await self._shutdown(list(self.workers.values()), self.health)
         finally:
             for task in list(self._tasks):
                 task.cancel()
@@ -198,33 +247,40 @@ class Service:
             self._print_statistics()
             flush_logs()  # the statistics block is written before the process can exit
 
-    async def _shutdown(self, worker: JobLoop, health: HealthServer) -> None:
+    async def _shutdown(self, workers: list[JobLoop], health: HealthServer) -> None:
+        """Every queue stops taking jobs at once; one grace period for all of them, then what
+        still runs on any queue goes back to its queue."""
         grace = self.settings.shutdown_grace_s
         health.draining = True
         logger.info(
             "Stopped taking jobs; waiting up to {:.0f} s for {} in-flight job(s)",
             grace,
-            len(worker.in_flight()),
+            sum(len(worker.in_flight()) for worker in workers),
         )
-        moved = await worker.stop(grace, self._hard_stop)
-        if moved:
-            logger.warning(
-                "{}: {} job(s) back in the queue, no attempt used: {}",
-                "Shutdown deadline" if worker.deadline_hit else "Drained",
-                len(moved),
-                ", ".join(moved),
-            )
+        handed_back = await asyncio.gather(*(w.stop(grace, self._hard_stop) for w in workers))
+        for worker, moved in zip(workers, handed_back, strict=True):
+            if moved:
+                logger.warning(
+                    "{}: {} job(s) back in the queue{}, no attempt used: {}",
+                    "Shutdown deadline" if worker.deadline_hit else "Drained",
+                    len(moved),
+                    f" {worker.protocol.queue}" if len(workers) > 1 else "",
+                    ", ".join(moved),
+                )
         logger.info("Worker closed")
 
-    async def _probe(self) -> QueueProbe:
-        assert self.worker is not None
-        waiting, paused, limited_ms = await self.worker.protocol.probe()
-        return QueueProbe(waiting, paused, limited_ms, self.worker.backoff.problem)
+    def _view(self, name: str, worker: JobLoop) -> QueueView:
+        """One queue as /ready and /metrics read it."""
 
-    async def _snapshot(self) -> QueueSnapshot:
-        assert self.worker is not None
-        counts, paused, limited_ms = await self.worker.protocol.snapshot()
-        return QueueSnapshot(counts, paused, limited_ms)
+        async def probe() -> QueueProbe:
+            waiting, paused, limited_ms = await worker.protocol.probe()
+            return QueueProbe(waiting, paused, limited_ms, worker.backoff.problem)
+
+        async def snapshot() -> QueueSnapshot:
+            counts, paused, limited_ms = await worker.protocol.snapshot()
+            return QueueSnapshot(counts, paused, limited_ms)
+
+        return QueueView(name, worker.stats, worker.settings.concurrency, probe, snapshot)
 
     def _own(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -276,4 +332,17 @@ class Service:
         logger.info("Retried attempts: {} | requeued: {}", st.retried, st.requeued)
         logger.info("Peak concurrency: {}", st.peak_concurrency)
         logger.info("Jobs/minute: {:.2f}", st.jobs_per_minute)
+        if len(self.workers) > 1:
+            for name, worker in self.workers.items():
+                q = worker.stats
+                logger.info(
+                    "Queue {}: processed {} | succeeded {} | failed {} | peak concurrency {}",
+                    name, q.processed, q.succeeded, q.failed, q.peak_concurrency,
+                )  # fmt: skip
         logger.info("=" * 60)
+
+
+def _limiter(settings: Settings) -> str:
+    if not settings.limiter:
+        return "off"
+    return f"{settings.limiter_max} jobs per {settings.limiter_duration_ms} ms"

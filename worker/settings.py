@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -89,8 +90,39 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    """One consumed queue: its name and the settings each queue may set for itself."""
+
+    name: str
+    concurrency: int = 3
+    limiter_max: int = 10
+    limiter_duration_ms: int = 1000
+
+
+# Settings a queue may set for itself: the variable plus `_<QUEUE>`, the queue name upper-cased
+# with every other character than A-Z and 0-9 as `_` (`WORKER_CONCURRENCY_AUDIO_JOBS`).
+PER_QUEUE_VARIABLES = ("WORKER_CONCURRENCY", "WORKER_LIMITER_MAX", "WORKER_LIMITER_DURATION_MS")
+
+
+def queue_variable(variable: str, queue: str) -> str:
+    """`queue_variable("WORKER_CONCURRENCY", "audio-jobs")` -> `WORKER_CONCURRENCY_AUDIO_JOBS`."""
+    return f"{variable}_{re.sub(r'[^A-Z0-9]', '_', queue.upper())}"
+
+
+def _per_queue_base(name: str) -> str | None:
+    """The per-queue variable `name` overrides (`WORKER_CONCURRENCY`), or None."""
+    # Longest first: WORKER_LIMITER_MAX_ must not take WORKER_LIMITER_MAX_... of another one.
+    for base in sorted(PER_QUEUE_VARIABLES, key=len, reverse=True):
+        if name.startswith(f"{base}_") and len(name) > len(base) + 1:
+            return base
+    return None
+
+
+@dataclass(frozen=True)
 class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
+    # The first queue consumed: the one `enqueue` and `stats` use by default, and the only one
+    # unless `queues` (WORKER_QUEUES) names more.
     queue: str = "ai-jobs"
     prefix: str = "bull"
     concurrency: int = 3
@@ -129,6 +161,9 @@ class Settings:
     provider_prices: tuple[tuple[str, str, float], ...] = ()
     # A job parked for upstream 429s longer than this in total fails, naming the provider.
     rate_limit_max_wait_s: float = 3600.0
+    # Every queue consumed (WORKER_QUEUES), each with its concurrency and limiter; empty: only
+    # `queue`, with the settings above (`consumed`).
+    queues: tuple[QueueSettings, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -147,15 +182,23 @@ class Settings:
             "LOG_LEVEL", "INFO", ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR")
         )
         job_types = reader.text("WORKER_JOB_TYPES", "")
-        settings = cls(
-            redis=redis or RedisSettings(),
-            queue=reader.text("WORKER_QUEUE", "ai-jobs", required=True),
-            prefix=reader.text("WORKER_PREFIX", "bull", required=True),
+        default = QueueSettings(
+            reader.text("WORKER_QUEUE", "ai-jobs", required=True),
             concurrency=reader.integer("WORKER_CONCURRENCY", 3, low=1, high=1000),
             limiter_max=reader.integer("WORKER_LIMITER_MAX", 10, low=0, high=1_000_000),
             limiter_duration_ms=reader.integer(
                 "WORKER_LIMITER_DURATION_MS", 1000, low=1, high=3_600_000
             ),
+        )
+        queues = _queues_from_env(reader, default)
+        settings = cls(
+            redis=redis or RedisSettings(),
+            queue=queues[0].name,
+            prefix=reader.text("WORKER_PREFIX", "bull", required=True),
+            concurrency=queues[0].concurrency,
+            limiter_max=queues[0].limiter_max,
+            limiter_duration_ms=queues[0].limiter_duration_ms,
+            queues=queues,
             lock_duration_ms=reader.integer("WORKER_LOCK_DURATION_MS", 30_000, low=1000),
             stalled_interval_ms=reader.integer("WORKER_STALLED_INTERVAL_MS", 30_000, low=1000),
             max_stalled_count=reader.integer("WORKER_MAX_STALLED_COUNT", 1, low=0, high=100),
@@ -223,13 +266,102 @@ class Settings:
             return None
         return {"max": self.limiter_max, "duration": self.limiter_duration_ms}
 
+    @property
+    def consumed(self) -> tuple[QueueSettings, ...]:
+        """Every queue this worker consumes, in WORKER_QUEUES' order."""
+        if self.queues:
+            return self.queues
+        return (
+            QueueSettings(self.queue, self.concurrency, self.limiter_max, self.limiter_duration_ms),
+        )
+
+    def for_queue(self, queue: QueueSettings) -> Settings:
+        """These settings as a worker of `queue` alone sees them (one JobLoop, one protocol)."""
+        return replace(
+            self,
+            queue=queue.name,
+            concurrency=queue.concurrency,
+            limiter_max=queue.limiter_max,
+            limiter_duration_ms=queue.limiter_duration_ms,
+            queues=(queue,),
+        )
+
+
+def _queues_from_env(reader: _Reader, default: QueueSettings) -> tuple[QueueSettings, ...]:
+    """WORKER_QUEUES (default: WORKER_QUEUE alone), each queue with its own concurrency and
+    limiter: `WORKER_CONCURRENCY_<QUEUE>` and the like, else the unsuffixed variable's value.
+    Empty, duplicate or ambiguous names, a queue name with `:` (BullMQ refuses it), and a
+    per-queue variable naming a queue that is not consumed are refused, naming the variable."""
+    listed = reader.text("WORKER_QUEUES", "")
+    names = [default.name]
+    if listed:
+        names = [name.strip() for name in listed.split(",")]
+        if "" in names:
+            reader.problems.add("WORKER_QUEUES", f"an empty queue name in {listed!r}")
+        names = [name for name in names if name]
+        if reader.env.get("WORKER_QUEUE", "").strip() and default.name not in names:
+            reader.problems.add(
+                "WORKER_QUEUE",
+                f"{default.name!r} is not among WORKER_QUEUES ({', '.join(names)}): "
+                f"unset WORKER_QUEUE, or list it in WORKER_QUEUES",
+            )
+    suffixes: dict[str, str] = {}
+    for name in names:
+        if ":" in name:
+            reader.problems.add("WORKER_QUEUES", f"queue name {name!r} contains ':'")
+        suffix = queue_variable("", name)
+        if name in suffixes.values():
+            reader.problems.add("WORKER_QUEUES", f"queue {name!r} is listed twice")
+        elif suffix in suffixes:
+            reader.problems.add(
+                "WORKER_QUEUES",
+                f"queues {suffixes[suffix]!r} and {name!r} would share the per-queue "
+                f"variables (WORKER_CONCURRENCY{suffix}): rename one",
+            )
+        else:
+            suffixes[suffix] = name
+    for variable in reader.env:
+        base = _per_queue_base(variable)
+        if base and variable[len(base) :] not in suffixes and reader.env[variable].strip():
+            reader.problems.add(
+                variable,
+                f"sets {base} for a queue this worker does not consume "
+                f"(WORKER_QUEUES: {', '.join(suffixes.values()) or '-'}); known here: "
+                + ", ".join(queue_variable(base, name) for name in suffixes.values()),
+            )
+    queues = tuple(
+        QueueSettings(
+            name,
+            concurrency=reader.integer(
+                queue_variable("WORKER_CONCURRENCY", name), default.concurrency, low=1, high=1000
+            ),
+            limiter_max=reader.integer(
+                queue_variable("WORKER_LIMITER_MAX", name),
+                default.limiter_max,
+                low=0,
+                high=1_000_000,
+            ),
+            limiter_duration_ms=reader.integer(
+                queue_variable("WORKER_LIMITER_DURATION_MS", name),
+                default.limiter_duration_ms,
+                low=1,
+                high=3_600_000,
+            ),
+        )
+        for name in suffixes.values()
+    )
+    return queues or (default,)
+
 
 def unread_variables(env: Mapping[str, str]) -> list[str]:
     """A warning for each `WORKER_*` variable in `env` that the service does not read (a typo:
     `WORKER_CONCURENCY=50` would run at the default concurrency), naming the closest known one."""
     known = sorted(n for n in variables_read() if n.startswith("WORKER_"))
     warnings = []
-    for name in sorted(n for n in env if n.startswith("WORKER_") and n not in known):
+    # A per-queue variable is read, or refused by `Settings.from_env`: never "unknown" here.
+    for name in sorted(
+        n for n in env if n.startswith("WORKER_") and n not in known and not _per_queue_base(n)
+    ):
         # Compared without the shared `WORKER_`, which would make every name look close.
         close = difflib.get_close_matches(name[7:], [k[7:] for k in known], n=1, cutoff=0.6)
         hint = f"did you mean WORKER_{close[0]}?" if close else f"known: {', '.join(known)}"
@@ -242,7 +374,7 @@ def variables_read() -> frozenset[str]:
     list cannot fall behind the code)."""
     recorder = _Recorder()
     Settings.from_env(recorder)
-    return frozenset(recorder.names)
+    return frozenset(n for n in recorder.names if not _per_queue_base(n))
 
 
 class _Recorder(Mapping[str, str]):

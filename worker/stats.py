@@ -73,3 +73,20 @@ class Stats:
             "peakConcurrency": self.peak_concurrency,
             "successRate": self.success_rate,
         }
+
+
+class QueueStats(Stats):
+    """One queue's counters when the service consumes several (worker/service.py): each start
+    and end is also counted in the service's totals (/health, the WORKER STATISTICS block)."""
+
+    def __init__(self, total: Stats) -> None:
+        super().__init__()
+        self.total = total
+
+    def job_started(self) -> None:
+        super().job_started()
+        self.total.job_started()
+
+    def job_ended(self, outcome: str, duration_s: float) -> None:
+        super().job_ended(outcome, duration_s)
+        self.total.job_ended(outcome, duration_s)
