@@ -124,7 +124,7 @@ def test_without_variables_the_type_is_disabled() -> None:
     with pytest.raises(ProviderMissing) as missing:
         csa.build({})
     assert missing.value.sentence == (
-        "create-simple-audio is disabled: AWS (Polly) and Supabase is not configured (set "
+        "create-simple-audio is disabled: AWS (Polly) and Supabase are not configured (set "
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and SUPABASE_URL and "
         "SUPABASE_SERVICE_ROLE_KEY)"
     )

@@ -71,7 +71,8 @@ class ProviderMissing(ConfigError):
 
     def __init__(self, job_name: str, provider: str, variables: Sequence[str]) -> None:
         names = " and ".join(variables)
-        problem = f"{job_name} is disabled: {provider} is not configured (set {names})"
+        verb = "are" if " and " in provider else "is"  # "AWS (Polly) and Supabase are ..."
+        problem = f"{job_name} is disabled: {provider} {verb} not configured (set {names})"
         super().__init__(names, problem)
         self.job_name = job_name
         self.sentence = self.problem
