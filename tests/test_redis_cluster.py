@@ -237,6 +237,21 @@ async def test_the_breaker_decides_in_one_step_on_a_cluster_in_the_keys_the_web_
     assert await web_status(cluster, prefix) == CLOSED_AFRESH
 
 
+async def test_a_hash_tagged_protection_prefix_keeps_each_script_in_one_slot(
+    cluster: RedisCluster,
+) -> None:
+    prefix = f"{{t{uuid.uuid4().hex[:8]}}}:"  # a tag of its own, as a cluster operator may pick
+    env = {"PROTECTION_KEY_PREFIX": prefix, "OPENAI_BREAKER_FAILURES": "1", "OPENAI_RPM": "60"}
+    provider = Provider(ProviderSettings.from_env(OPENAI, env), "gpt-4o-mini")
+    keys = [*provider.cluster_circuit_keys, *provider.cluster_rate_keys,
+            *(key for pair in provider._copies for key in pair)]  # fmt: skip
+    assert {cluster.keyslot(key) for key in keys} == {cluster.keyslot(prefix)}
+    async with provider.call(cluster) as permit:  # the scripts run: no CROSSSLOT
+        opened = await permit.failed(RetryableJobError("502"))
+    assert isinstance(opened, Deferred)
+    assert (await web_status(cluster, prefix))["state"] == "OPEN"
+
+
 async def test_the_rate_limit_and_the_429_cooldown_on_a_cluster(cluster: RedisCluster) -> None:
     prefix = f"test-{uuid.uuid4().hex[:10]}:"
     # 4 requests per 2 s: calls 500 ms apart; a wait up to 2 s is held in the slot.

@@ -61,10 +61,11 @@ def circuit_key(shared: str, provider: str, field: str) -> str:
 
 
 def beside(key: str, field: str) -> str:
-    """`{<key>}:<field>`: a key in the cluster slot of `key` (a name without a hash tag, whose
-    slot is that of its whole text). On a cluster the breaker keeps its counters beside the
-    state key the web service reads, so one script still decides on both."""
-    return f"{{{key}}}:{field}"
+    """A key in the cluster slot of `key`: `{<key>}:<field>` for a name without a hash tag (its
+    slot is that of its whole text), `<key>:<field>` for one with a tag (a tagged
+    PROTECTION_KEY_PREFIX: the tag decides the slot of both). On a cluster the breaker keeps
+    its counters beside the state key the web service reads, so one script decides on both."""
+    return f"{key}:{field}" if hash_tag(key) is not None else f"{{{key}}}:{field}"
 
 
 def rate_key(shared: str, provider: str, model: str, field: str, cluster: bool = False) -> str:
