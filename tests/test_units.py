@@ -206,6 +206,19 @@ def test_log_lines_never_carry_a_secret() -> None:
     setup_logging("text", "INFO")
 
 
+def test_every_credential_variable_the_code_reads_is_redacted() -> None:
+    from worker.logs import SECRET_VARIABLES
+
+    root = README.parent
+    sources = [*root.glob("worker/*.py"), *root.glob("processors/**/*.py")]
+    named = set()
+    for source in sources:
+        text = source.read_text(encoding="utf-8")
+        named |= set(re.findall(r'"([A-Z][A-Z0-9_]*(?:_KEY|_TOKEN|_PASSWORD|_SECRET))"', text))
+    assert "AWS_SESSION_TOKEN" in named  # the scan sees the processors' variables
+    assert named <= set(SECRET_VARIABLES), named - set(SECRET_VARIABLES)
+
+
 def test_mypy_strict_covers_every_package() -> None:
     pyproject = tomllib.loads((README.parent / "pyproject.toml").read_text())
     shipped = {name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}

@@ -35,6 +35,7 @@ SECRET_VARIABLES = (
     "AZURE_VISION_KEY",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
 )
 
 CONTEXT_FIELDS = ("job_id", "job_name", "attempt")
