@@ -18,7 +18,7 @@ from tests.support.node_bridge import NodeBridge
 from tests.support.redis_server import private_redis
 from worker import health
 from worker.context import JobContext
-from worker.health import HealthServer, QueueProbe
+from worker.health import HealthServer, QueueProbe, QueueView, no_snapshot
 from worker.registry import ProcessorSpec
 from worker.service import Service
 from worker.stats import Stats
@@ -151,7 +151,9 @@ async def _idle_probe() -> QueueProbe:
 
 def _bare_server(port: int = 0) -> HealthServer:
     """The server as Service builds it: no host given."""
-    return HealthServer(Stats(), port, _idle_probe, concurrency=3, ready_stall_s=120.0)
+    stats = Stats()
+    view = QueueView("ai-jobs", stats, 3, _idle_probe, no_snapshot)
+    return HealthServer(stats, port, [view], ready_stall_s=120.0)
 
 
 def _has_ipv6_loopback() -> bool:

@@ -97,6 +97,9 @@ def test_each_queue_has_its_settings_else_the_unsuffixed_ones() -> None:
     assert (audio.queue, audio.concurrency, audio.limiter, audio.consumed) == (
         "audio-jobs", 2, None, (s.consumed[1],),
     )  # fmt: skip
+    assert s.for_queue_named("audio-jobs") == audio  # the CLI's --queue, as the service sees it
+    other = s.for_queue_named("elsewhere")  # a queue not consumed: these settings' own figures
+    assert (other.queue, other.concurrency, other.consumed[0].name) == ("elsewhere", 4, "elsewhere")
     # One service per queue: the other queue's service lists it alone.
     alone = Settings.from_env({"WORKER_QUEUES": "audio-jobs", "WORKER_CONCURRENCY_AUDIO_JOBS": "5"})
     assert alone.consumed == (QueueSettings("audio-jobs", 5, 10, 1000),)
@@ -288,8 +291,8 @@ async def test_two_queues_in_the_real_process_crash_restart_and_sigterm(
         assert job["state"] == "completed" and job["stalledCounter"] == 0, job
     out = again.output
     for line in (
-        f"Queue: {queue_name} | concurrency 3 | limiter 10 jobs per 1000 ms",
-        f"Queue: {other_queue} | concurrency 2 | limiter 10 jobs per 1000 ms",
+        f"Queue: {queue_name} | concurrency 3 | limiter 10 jobs per 1000 ms (queue-wide)",
+        f"Queue: {other_queue} | concurrency 2 | limiter 10 jobs per 1000 ms (queue-wide)",
         "Concurrency: 5 jobs in parallel", "WORKER STATISTICS", "Processed: 2",
         f"Queue {queue_name}: processed 1", f"Queue {other_queue}: processed 1",
     ):  # fmt: skip

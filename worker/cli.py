@@ -9,7 +9,6 @@ import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from loguru import logger
@@ -150,11 +149,12 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
         return asyncio.run(check(settings, env, timeout_s))
     queues = [args.queue] if getattr(args, "queue", None) else [q.name for q in settings.consumed]
     if command == "enqueue":
-        return _with_redis(enqueue(replace(settings, queue=queues[0]), args, timeout_s))
+        return _with_redis(enqueue(settings.for_queue_named(queues[0]), args, timeout_s))
     if command == "stats":
         capacity = args.drain_within if args.capacity else None
         for queue in queues:  # one answer per queue, each as the web service's route gives it
-            code = _with_redis(stats(replace(settings, queue=queue), timeout_s, args.all, capacity))
+            of_queue = settings.for_queue_named(queue)
+            code = _with_redis(stats(of_queue, timeout_s, args.all, capacity))
             if code:
                 return code
         return 0
@@ -228,10 +228,10 @@ async def check(settings: Settings, env: Mapping[str, str], timeout_s: float) ->
 
     s = settings
     queues = f"queue {s.queue}, prefix {s.prefix}, concurrency {s.concurrency}, limiter "
-    queues += describe_limiter(s)
+    queues += s.limiter_text
     if len(s.consumed) > 1:
         each = [
-            f"{q.name} (concurrency {q.concurrency}, limiter {describe_limiter(s.for_queue(q))})"
+            f"{q.name} (concurrency {q.concurrency}, limiter {s.for_queue(q).limiter_text})"
             for q in s.consumed
         ]
         queues = f"queues {', '.join(each)}, prefix {s.prefix}"
@@ -478,9 +478,3 @@ def web_stats(queue: str, counts: Mapping[str, int]) -> dict[str, Any]:
     shown: dict[str, Any] = {"queue": queue, **{state: counts[state] for state in STATS_SHOWN}}
     shown["total"] = sum(counts[state] for state in STATS_STATES)
     return {"success": True, "stats": shown, "timestamp": iso_now()}
-
-
-def describe_limiter(s: Settings) -> str:
-    if s.limiter is None:
-        return "off"
-    return f"{s.limiter_max} jobs per {s.limiter_duration_ms} ms (queue-wide)"

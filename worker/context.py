@@ -20,12 +20,12 @@ UsageReporter = Callable[[str, int, int], None]
 ProviderUsageReporter = Callable[[str, str, float], float]
 
 
-def _no_usage(model: str, input_tokens: int, output_tokens: int) -> None:
-    """Where nothing counts tokens (tests that build a context by hand)."""
+def no_usage(model: str, input_tokens: int, output_tokens: int) -> None:
+    """Where nothing counts tokens (a context built by hand, a dispatcher without metrics)."""
 
 
-def _no_provider_usage(provider: str, unit: str, amount: float) -> float:
-    """Where nothing counts provider usage (tests that build a context by hand)."""
+def no_provider_usage(provider: str, unit: str, amount: float) -> float:
+    """Where nothing counts provider usage (as `no_usage`)."""
     return 0.0
 
 
@@ -45,9 +45,9 @@ class JobContext:
     worker: Mapping[str, Any] = field(
         default_factory=dict
     )  # identity: host, pid, worker id, version
-    ai_usage: UsageReporter = _no_usage  # tokens by model: /metrics' tokens and cost counters
+    ai_usage: UsageReporter = no_usage  # tokens by model: /metrics' tokens and cost counters
     # images read, characters synthesised, audio seconds assessed: /metrics' usage and cost
-    provider_usage: ProviderUsageReporter = _no_provider_usage
+    provider_usage: ProviderUsageReporter = no_provider_usage
 
     @property
     def is_last_attempt(self) -> bool:

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from loguru import logger
 
-from worker.context import JobContext, ProviderUsageReporter, UsageReporter
+from worker.context import (
+    JobContext,
+    ProviderUsageReporter,
+    UsageReporter,
+    no_provider_usage,
+    no_usage,
+)
 from worker.errors import JobTimeout
 from worker.joblog import JobLog, JobLogger
 from worker.keys import IDEMPOTENCY_TTL_S, job_state_key
@@ -60,10 +66,9 @@ class Dispatcher:
         self.job_timeout_s = job_timeout_s
         self.redact = redact  # secrets out of the job's BullMQ log (worker/logs.py Redactor)
         self.ai_usage = ai_usage  # (job type, model, input, output tokens) -> /metrics
-        self._usage_of: dict[str, UsageReporter] = {}
         # (job type, provider, unit, amount) -> USD: /metrics' provider usage and cost
         self.provider_usage = provider_usage
-        self._provider_usage_of: dict[str, ProviderUsageReporter] = {}
+        self._reporters_of: dict[str, tuple[UsageReporter, ProviderUsageReporter]] = {}
 
     def timeout_for(self, name: str) -> float:
         """WORKER_JOB_TIMEOUT_S, or the processor's own shorter default for its job type."""
@@ -80,6 +85,7 @@ class Dispatcher:
         checked = self.contract.has(job.name)
         if checked:
             self.contract.validate_payload(job.name, data)  # InvalidPayload: permanent
+        ai_usage, provider_usage = self._reporters(job.name)
         ctx = JobContext(
             job_id=job.id,
             name=job.name,
@@ -92,8 +98,8 @@ class Dispatcher:
             redis=self.redis,
             state_key=self.state_key(job.id),
             worker=self.identity,
-            ai_usage=self._usage_reporter(job.name),
-            provider_usage=self._provider_usage_reporter(job.name),
+            ai_usage=ai_usage,
+            provider_usage=provider_usage,
         )
         timeout_s = self.timeout_for(job.name)
         try:
@@ -109,22 +115,18 @@ class Dispatcher:
         await self._write_idempotency(job, result)
         return result
 
-    def _usage_reporter(self, job_type: str) -> UsageReporter:
-        reporter = self._usage_of.get(job_type)
-        if reporter is None:
-            if self.ai_usage is None:
-                return _ignore_usage
-            reporter = self._usage_of[job_type] = functools.partial(self.ai_usage, job_type)
-        return reporter
-
-    def _provider_usage_reporter(self, job_type: str) -> ProviderUsageReporter:
-        reporter = self._provider_usage_of.get(job_type)
-        if reporter is None:
-            if self.provider_usage is None:
-                return _ignore_provider_usage
-            reporter = functools.partial(self.provider_usage, job_type)
-            self._provider_usage_of[job_type] = reporter
-        return reporter
+    def _reporters(self, job_type: str) -> tuple[UsageReporter, ProviderUsageReporter]:
+        """The job type's usage reporters for its contexts, made once per job type."""
+        reporters = self._reporters_of.get(job_type)
+        if reporters is None:
+            ai, provider = self.ai_usage, self.provider_usage
+            reporters = self._reporters_of[job_type] = (
+                functools.partial(ai, job_type) if ai is not None else no_usage,
+                functools.partial(provider, job_type)
+                if provider is not None
+                else no_provider_usage,
+            )
+        return reporters
 
     async def _write_idempotency(self, job: ActiveJob, result: Any) -> None:
         """INTEROP §3: SETEX before the job is marked completed; a failure never fails the job."""
@@ -136,15 +138,6 @@ class Dispatcher:
             await self.redis.set(str(key), value, ex=IDEMPOTENCY_TTL_S)
         except Exception as exc:
             logger.warning("Could not write idempotency key {}: {}", key, exc)
-
-
-def _ignore_usage(model: str, input_tokens: int, output_tokens: int) -> None:
-    """No metrics to feed (a dispatcher built without them)."""
-
-
-def _ignore_provider_usage(provider: str, unit: str, amount: float) -> float:
-    """No metrics to feed (a dispatcher built without them)."""
-    return 0.0
 
 
 def state_key_for(prefix: str, queue: str) -> Callable[[str], str]:

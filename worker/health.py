@@ -99,23 +99,17 @@ class HealthServer:
         self,
         stats: Stats,
         port: int,
-        probe: Callable[[], Awaitable[QueueProbe]],
-        concurrency: int,
+        queues: Sequence[QueueView],
         ready_stall_s: float,
         host: str | None = None,  # None: every address, IPv6 and IPv4 (`listening_socket`)
         metrics: Metrics | None = None,
-        snapshot: Callable[[], Awaitable[QueueSnapshot]] | None = None,
-        queues: Sequence[QueueView] = (),
     ) -> None:
-        """`stats`, `probe`, `concurrency` and `snapshot`: the one queue's, unless `queues`
-        names every queue consumed (`stats` then the totals over all of them)."""
+        """`stats`: the totals over every queue consumed; `queues`: each one's own view."""
         self.stats = stats
         self.prometheus = metrics or Metrics("", lambda: stats.currently_processing)
         self.port = port
         self.host = host
-        self.queues = list(queues) or [
-            QueueView(self.prometheus.queue, stats, concurrency, probe, snapshot or _no_snapshot)
-        ]
+        self.queues = list(queues)
         self.ready_stall_s = ready_stall_s
         self.draining = False
         self._runner: web.AppRunner | None = None
@@ -222,5 +216,6 @@ class HealthServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-async def _no_snapshot() -> QueueSnapshot:
+async def no_snapshot() -> QueueSnapshot:
+    """A view that cannot read its queue (tests): /metrics shows `worker_redis_up 0`."""
     raise RuntimeError("no queue to read")

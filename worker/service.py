@@ -57,7 +57,6 @@ class Service:
         self._stop = asyncio.Event()
         self._hard_stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.worker: JobLoop | None = None  # the first queue's
         self.workers: dict[str, JobLoop] = {}  # every queue's, by name
         self.health: HealthServer | None = None
         self._stopped = False
@@ -114,7 +113,12 @@ class Service:
                 signal.signal(sig, signal.SIG_IGN)
         return self.exit_code
 
-    def _build(self) -> JobLoop:
+    @property
+    def worker(self) -> JobLoop | None:
+        """The first queue's run loop (the only one, unless WORKER_QUEUES names several)."""
+        return next(iter(self.workers.values()), None)
+
+    def _build(self) -> None:
         s = self.settings
         worker_id = uuid.uuid4().hex  # one per process: lock tokens and heartbeats are per queue
         identity = self.identity(worker_id)
@@ -123,8 +127,6 @@ class Service:
             protocol = QueueProtocol(s.for_queue(queue), s.worker_name, share=first)
             first = first or protocol
             self.workers[queue.name] = self._loop(queue, protocol, identity, worker_id)
-        self.worker = next(iter(self.workers.values()))
-        return self.worker
 
     def _loop(
         self,
@@ -170,9 +172,8 @@ class Service:
         self._build()
         views = [self._view(name, worker) for name, worker in self.workers.items()]
         health = HealthServer(
-            self.stats, s.health_port, views[0].probe, s.concurrency, s.ready_stall_s,
-            metrics=self.metrics, queues=views,
-        )  # fmt: skip
+            self.stats, s.health_port, views, s.ready_stall_s, metrics=self.metrics
+        )
         self.health = health
 
         logger.info("=" * 60)
@@ -184,7 +185,7 @@ class Service:
             for queue in s.consumed:
                 logger.info(
                     "Queue: {} | concurrency {} | limiter {}", queue.name, queue.concurrency,
-                    _limiter(s.for_queue(queue)),
+                    s.for_queue(queue).limiter_text,
                 )  # fmt: skip
             logger.info("Concurrency: {} jobs in parallel", sum(q.concurrency for q in s.consumed))
         logger.info("Environment: {}", s.environment)
@@ -193,7 +194,7 @@ class Service:
             s.redis.redacted_url,
             s.redis.source,
             s.prefix,
-            f" | limiter {_limiter(s)}" if len(s.consumed) == 1 else "",
+            f" | limiter {s.limiter_text}" if len(s.consumed) == 1 else "",
         )
         if s.redis.tls_insecure:
             logger.warning(
@@ -340,9 +341,3 @@ class Service:
                     name, q.processed, q.succeeded, q.failed, q.peak_concurrency,
                 )  # fmt: skip
         logger.info("=" * 60)
-
-
-def _limiter(settings: Settings) -> str:
-    if not settings.limiter:
-        return "off"
-    return f"{settings.limiter_max} jobs per {settings.limiter_duration_ms} ms"

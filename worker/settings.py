@@ -267,6 +267,13 @@ class Settings:
         return {"max": self.limiter_max, "duration": self.limiter_duration_ms}
 
     @property
+    def limiter_text(self) -> str:
+        """The limiter as the banner and `check` state it."""
+        if self.limiter is None:
+            return "off"
+        return f"{self.limiter_max} jobs per {self.limiter_duration_ms} ms (queue-wide)"
+
+    @property
     def consumed(self) -> tuple[QueueSettings, ...]:
         """Every queue this worker consumes, in WORKER_QUEUES' order."""
         if self.queues:
@@ -285,6 +292,14 @@ class Settings:
             limiter_duration_ms=queue.limiter_duration_ms,
             queues=(queue,),
         )
+
+    def for_queue_named(self, name: str) -> Settings:
+        """`for_queue` of a consumed queue by name; any other queue (the CLI's `--queue`) with
+        these settings' own concurrency and limiter."""
+        for queue in self.consumed:
+            if queue.name == name:
+                return self.for_queue(queue)
+        return replace(self, queue=name, queues=())
 
 
 def _queues_from_env(reader: _Reader, default: QueueSettings) -> tuple[QueueSettings, ...]:
