@@ -69,10 +69,16 @@ class ProviderMissing(ConfigError):
 
     The message is the sentence start-up, `check` and a job of that type all show."""
 
-    def __init__(self, job_name: str, provider: str, variables: Sequence[str]) -> None:
+    def __init__(
+        self, job_name: str, providers: str | Sequence[str], variables: Sequence[str]
+    ) -> None:
+        """`providers`: the one missing ("Azure AI Vision") or each of several."""
+        missing = [providers] if isinstance(providers, str) else list(providers)
         names = " and ".join(variables)
-        verb = "are" if " and " in provider else "is"  # "AWS (Polly) and Supabase are ..."
-        problem = f"{job_name} is disabled: {provider} {verb} not configured (set {names})"
+        verb = "is" if len(missing) == 1 else "are"  # "AWS (Polly) and Supabase are ..."
+        problem = (
+            f"{job_name} is disabled: {' and '.join(missing)} {verb} not configured (set {names})"
+        )
         super().__init__(names, problem)
         self.job_name = job_name
         self.sentence = self.problem

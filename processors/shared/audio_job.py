@@ -53,7 +53,7 @@ class AudioSettings:
             missing += [URL_VARIABLES[-1], KEY_VARIABLES[0]]
             what.append("Supabase")
         if missing:
-            raise ProviderMissing(job_name, " and ".join(what), missing)
+            raise ProviderMissing(job_name, what, missing)
         assert aws is not None and supabase is not None
         polly = problems.take(lambda: ProviderSettings.from_env(POLLY, env))
         expires = _Reader(env, problems).integer(URL_EXPIRES_VARIABLE, MAX_URL_EXPIRES_S,
