@@ -22,5 +22,5 @@ async def race_for_the_probe(provider: Provider, one: Any, other: Any, n: int = 
     probes = [r for r in results if not isinstance(r, BaseException)]
     assert len(probes) == 1 and probes[0].probe, results
     assert all(isinstance(r, Deferred) and "probe call in flight" in str(r)
-               for r in results if r is not probes[0])  # fmt: skip
+               for r in results if r is not probes[0]), results  # fmt: skip
     return probes[0]
