@@ -14,6 +14,8 @@ How a failure maps onto the worker's classes (`classify`):
     throttling (ThrottlingException, TooManyRequests, SlowDown, HTTP 429)
                                           → RateLimited (Retry-After, else DEFAULT_RETRY_AFTER_S)
     5xx, timeouts, connection errors      → RetryableJobError
+    a request botocore refuses to send (ParamValidationError: a parameter out of range,
+      of the wrong type, missing)         → PermanentJobError (the same request, the same)
     rejected credentials (401/403 codes)  → PermanentJobError naming the key variables
     any other 4xx                         → PermanentJobError with AWS's code and message
 """
@@ -93,6 +95,7 @@ def classify(exc: BaseException, service: str, provider: str) -> JobError:
         ConnectionError,
         HTTPClientError,
         NoCredentialsError,
+        ParamValidationError,
         ReadTimeoutError,
     )
 
@@ -101,6 +104,8 @@ def classify(exc: BaseException, service: str, provider: str) -> JobError:
                                  f"{SECRET_VARIABLE}")  # fmt: skip
     if isinstance(exc, ConnectionError | HTTPClientError | ReadTimeoutError):
         return RetryableJobError(f"Could not reach {service}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ParamValidationError):  # before the BotoCoreError catch-all
+        return PermanentJobError(f"{service} call refused by botocore: {exc}")
     if isinstance(exc, BotoCoreError):
         return RetryableJobError(f"{service} call failed: {type(exc).__name__}: {exc}")
     if not isinstance(exc, ClientError):
