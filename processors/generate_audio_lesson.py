@@ -21,8 +21,9 @@ Written once across retries and `kill -9`, with the job's state (processors.shar
 the same key (a retry overwrites the object rather than adding one) and the same row id
 (`ON CONFLICT (id) DO NOTHING` adopts a row a crashed run inserted). The object carries the
 job id and duration as metadata: a run that finds its object already there (a crash between
-the upload and recording it) skips Polly. On a final failure (permanent, or the last
-attempt) a row with status `failed` is written under that same id, once.
+the upload and recording it) skips Polly; a first run, its key just made, does not look. On
+a final failure (permanent, or the last attempt) a row with status `failed` is written under
+that same id, once.
 """
 
 from __future__ import annotations
@@ -115,12 +116,12 @@ class AudioLessonProcessor:
                 raise PermanentJobError(f"Lesson {lesson_id} belongs to another user")
             await state.put_new("title", str(lesson.get("title") or ""))
             row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
-            ms, _ = await state.put_new("ms", int(time.time() * 1000))
+            ms, new_key = await state.put_new("ms", int(time.time() * 1000))
             key = f"audio-lessons/{user_id}/{lesson_id}-{ms}.mp3"
             if (stored := state.get("stored")) is None:
-                stored = await self._existing(key, ctx) or await self._make(
-                    lesson, payload.get("language"), key, ctx
-                )
+                # A key made just now names no object yet: no HEAD to find out.
+                existing = None if new_key else await self._existing(key, ctx)
+                stored = existing or await self._make(lesson, payload.get("language"), key, ctx)
                 await state.put({"stored": stored})
             await ctx.progress(90)
             completed = {
@@ -179,13 +180,16 @@ class AudioLessonProcessor:
         return {"duration_s": round(speech.duration_s, 3), "bytes": len(speech.audio)}
 
     async def _existing(self, key: str, ctx: JobContext) -> dict[str, Any] | None:
-        """This job's object, when an earlier run stored it and crashed before saying so."""
+        """This job's object, when an earlier run stored it and crashed before saying so.
+
+        Without s3:ListBucket in the IAM policy, S3 answers a missing key's HEAD with 403, not
+        404: both mean "not there" here (PutObject reports a real credentials problem)."""
         from botocore.exceptions import ClientError
 
         try:
             head = await asyncio.to_thread(self.s3.head_object, Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (403, 404):
                 return None
             raise classify(exc, S3, "s3") from exc
         except Exception as exc:
