@@ -12,9 +12,9 @@ voice by `nativeLanguage`, default English). Steps (progress on the left):
 
 Written once across retries and `kill -9` (processors.shared.job_state): the row id and `<ms>`
 are recorded (HSETNX) before first use, so every run inserts the same row (`ON CONFLICT (id)
-DO NOTHING`) and uploads to the same path (with upsert: a retry overwrites the object). On a
-final failure (permanent, or the last attempt) the row, when there is one, gets status
-`failed`.
+DO NOTHING`) and uploads to the same path (with upsert: a retry overwrites the object). When
+the job fails for good (`on_final_failure`: permanent, last attempt, timeout, rate-limit cap,
+stalls) the row, when there is one, gets status `failed`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from processors.shared.audio_job import AudioSettings, run_once
+from processors.shared.audio_job import AudioSettings, run_once, state_of
 from processors.shared.audio_store import AudioStore
 from processors.shared.job_state import JobState
 from processors.shared.speech import Synthesizer
@@ -33,7 +33,7 @@ from processors.shared.supabase_client import make_client
 from worker.context import JobContext
 from worker.contract_types import SimpleAudioPayload, SimpleAudioRow
 from worker.errors import PermanentJobError
-from worker.registry import ProcessorSpec
+from worker.registry import FinalFailure, ProcessorSpec
 
 JOB_NAME = "create-simple-audio"
 BUCKET = "Audio_Lessons"
@@ -56,6 +56,7 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
         handler=processor.run,
         description=f"a text read by Amazon Polly into Supabase Storage bucket {BUCKET}",
         aclose=aclose,
+        on_final_failure=processor.failed,
     )
 
 
@@ -103,13 +104,15 @@ class SimpleAudioProcessor:
                                         "could be recorded")  # fmt: skip
             return row
 
-        async def failed(state: JobState, reason: str) -> None:
-            if state.get("row_saved"):
-                row_id = str(state.get("row_id"))
-                await self.store.update(row_id, {"status": "failed"})
-                ctx.log.info("audio_lessons row {} has status failed: {}", row_id, reason)
+        return cast(SimpleAudioRow, await run_once(ctx, steps))
 
-        return cast(SimpleAudioRow, await run_once(ctx, steps, failed))
+    async def failed(self, failure: FinalFailure) -> None:
+        """The job failed for good: its row, when there is one, gets status `failed`."""
+        state = await state_of(failure)
+        if state.get("row_saved"):
+            row_id = str(state.get("row_id"))
+            await self.store.update(row_id, {"status": "failed"})
+            failure.log.info("audio_lessons row {} has status failed: {}", row_id, failure.reason)
 
     async def _make(
         self, payload: SimpleAudioPayload, path: str, ctx: JobContext

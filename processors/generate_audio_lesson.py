@@ -21,9 +21,9 @@ Written once across retries and `kill -9`, with the job's state (processors.shar
 the same key (a retry overwrites the object rather than adding one) and the same row id
 (`ON CONFLICT (id) DO NOTHING` adopts a row a crashed run inserted). The object carries the
 job id and duration as metadata: a run that finds its object already there (a crash between
-the upload and recording it) skips Polly; a first run, its key just made, does not look. On
-a final failure (permanent, or the last attempt) a row with status `failed` is written under
-that same id, once.
+the upload and recording it) skips Polly; a first run, its key just made, does not look. When
+the job fails for good (`on_final_failure`: permanent, last attempt, timeout, rate-limit cap,
+stalls) a row with status `failed` is written under that same id, once.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from processors.shared.audio_job import AudioSettings, run_once
+from processors.shared.audio_job import AudioSettings, run_once, state_of
 from processors.shared.audio_store import AudioStore
 from processors.shared.aws import classify
 from processors.shared.job_state import JobState
@@ -44,7 +44,7 @@ from processors.shared.supabase_client import make_client
 from worker.context import JobContext
 from worker.contract_types import AudioLessonPayload, AudioLessonRow
 from worker.errors import PermanentJobError
-from worker.registry import ProcessorSpec
+from worker.registry import FinalFailure, ProcessorSpec
 
 JOB_NAME = "generate-audio-lesson"
 BUCKET_VARIABLE = "AWS_S3_BUCKET"
@@ -80,6 +80,7 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
         handler=processor.run,
         description=f"a lesson read by Amazon Polly into S3 bucket {bucket} ({where})",
         aclose=aclose,
+        on_final_failure=processor.failed,
     )
 
 
@@ -138,24 +139,27 @@ class AudioLessonProcessor:
                 row = await self.store.update(row_id, completed) or row
             return row
 
-        async def failed(state: JobState, reason: str) -> None:
-            row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
-            row = await self.store.insert_once(
-                {
-                    "id": row_id,
-                    "user_id": user_id,
-                    "lesson_id": lesson_id,
-                    "title": state.get("title"),
-                    "status": "failed",
-                    "audio_url": None,
-                    "audio_file_path": None,
-                    "audio_duration": None,
-                }
-            )
-            ctx.log.info("audio_lessons row {} has status {}: {}", row_id, row.get("status"),
-                         reason)  # fmt: skip
+        return cast(AudioLessonRow, await run_once(ctx, steps))
 
-        return cast(AudioLessonRow, await run_once(ctx, steps, failed))
+    async def failed(self, failure: FinalFailure) -> None:
+        """The job failed for good: a row with status `failed` under the job's row id."""
+        payload = cast(AudioLessonPayload, failure.payload)
+        state = await state_of(failure)
+        row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
+        row = await self.store.insert_once(
+            {
+                "id": row_id,
+                "user_id": payload["userId"],
+                "lesson_id": str(payload["lessonId"]),
+                "title": state.get("title"),
+                "status": "failed",
+                "audio_url": None,
+                "audio_file_path": None,
+                "audio_duration": None,
+            }
+        )
+        failure.log.info("audio_lessons row {} has status {}: {}", row_id, row.get("status"),
+                         failure.reason)  # fmt: skip
 
     async def _make(
         self, lesson: Mapping[str, Any], language: str | None, key: str, ctx: JobContext

@@ -5,9 +5,10 @@ without Supabase the job type is not built (`ProviderMissing`: start-up and `che
 as disabled with the variables it needs, and its jobs fail at once with that sentence).
 
 `run_once` wraps a job's steps: a result already saved in the job's state (a re-run after a
-crash between "returned" and "marked completed") is answered from there; a final failure (a
-permanent error, or any error on the last attempt; never a Deferred, which parks the job)
-calls the job's `failed` hook once, whose own failure is logged and never hides the reason.
+crash between "returned" and "marked completed") is answered from there. A final failure is
+recorded by each type's `on_final_failure` hook (worker.registry), which the run loop calls
+wherever a job fails for good: a permanent error, the last attempt (a timeout included), the
+rate-limit wait cap, too many stalls. `state_of(failure)` is the job's state for it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from processors.shared.job_state import JobState
 from processors.shared.speech import Synthesizer
 from processors.shared.supabase_client import KEY_VARIABLES, URL_VARIABLES, SupabaseSettings
 from worker.context import JobContext
-from worker.errors import ConfigProblems, Deferred, JobError, PermanentJobError, ProviderMissing
+from worker.errors import ConfigProblems, ProviderMissing
 from worker.providers import POLLY, Provider, ProviderSettings
+from worker.registry import FinalFailure
 from worker.settings import _Reader
 
 URL_EXPIRES_VARIABLE = "AUDIO_URL_EXPIRES_S"
@@ -66,15 +68,15 @@ class AudioSettings:
         return Synthesizer(self.aws.client("polly"), Provider(self.polly))
 
 
-Failed = Callable[[JobState, str], Awaitable[None]]
+async def state_of(failure: FinalFailure) -> JobState:
+    """The state the job's runs kept, for its `on_final_failure` hook."""
+    return await JobState.load(failure.redis, failure.state_key)
 
 
 async def run_once(
-    ctx: JobContext,
-    steps: Callable[[JobState], Awaitable[dict[str, Any]]],
-    failed: Failed,
+    ctx: JobContext, steps: Callable[[JobState], Awaitable[dict[str, Any]]]
 ) -> dict[str, Any]:
-    """`steps(state)` once per job: resumed from the state, its final failure recorded once."""
+    """`steps(state)` once per job: resumed from the state, its result kept there."""
     state = await JobState.load(ctx.redis, ctx.state_key)
     if (done := state.get("result")) is not None:
         ctx.log.info("Audio already made by an earlier run; returning its result")
@@ -82,18 +84,7 @@ async def run_once(
         return dict(done)
     if not state.is_fresh:
         ctx.log.info("Resuming from the saved state: {}", ", ".join(sorted(state.fields)))
-    try:
-        result = await steps(state)
-    except Deferred:
-        raise  # parked without using an attempt; the next run resumes here
-    except Exception as exc:
-        if isinstance(exc, PermanentJobError) or ctx.is_last_attempt:
-            reason = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
-            try:
-                await failed(state, reason)
-            except Exception as hook_error:
-                ctx.log.warning("Could not record the failure in Supabase: {}", hook_error)
-        raise
+    result = await steps(state)
     await state.finish(result)
     await ctx.progress(100)
     return result
