@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from processors.shared.retry_after import retry_after_s
 from worker.errors import JobError, PermanentJobError, RateLimited, RetryableJobError
 
 KEY_ID_VARIABLE = "AWS_ACCESS_KEY_ID"
@@ -113,7 +114,8 @@ def classify(exc: BaseException, service: str, provider: str) -> JobError:
     code, message, status, headers = error_of(exc)
     tag = f"HTTP {status} {code}".strip()
     if code in _THROTTLING or status == 429:
-        return RateLimited(_retry_after(headers), f"{service} throttled the call ({tag})",
+        return RateLimited(retry_after_s(headers, DEFAULT_RETRY_AFTER_S),
+                           f"{service} throttled the call ({tag})",
                            provider=provider)  # fmt: skip
     if code in _BAD_CREDENTIALS or status in (401, 403):
         return PermanentJobError(
@@ -137,10 +139,3 @@ def error_of(exc: Any) -> tuple[str, str, int, Mapping[str, str]]:
     except (TypeError, ValueError):
         status = 0
     return code, message, status, meta.get("HTTPHeaders") or {}
-
-
-def _retry_after(headers: Mapping[str, str]) -> float:
-    try:
-        return max(float(headers.get("retry-after", "")), 0.0)
-    except ValueError:
-        return DEFAULT_RETRY_AFTER_S
