@@ -24,12 +24,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from processors.shared.audio_job import AudioSettings, run_once, state_of
+from processors.shared.audio_job import AudioKit, run_once, state_of
 from processors.shared.audio_store import AudioStore
 from processors.shared.job_state import JobState
 from processors.shared.speech import Synthesizer
 from processors.shared.storage import SupabaseStorage
-from processors.shared.supabase_client import make_client
 from worker.context import JobContext
 from worker.contract_types import SimpleAudioPayload, SimpleAudioRow
 from worker.errors import PermanentJobError
@@ -40,24 +39,13 @@ BUCKET = "Audio_Lessons"
 
 
 def build(env: Mapping[str, str]) -> ProcessorSpec:
-    settings = AudioSettings.from_env(JOB_NAME, env)
-    client, http = make_client(settings.supabase)
-    storage = SupabaseStorage(settings.supabase)
+    kit = AudioKit.build(JOB_NAME, env)
+    storage = SupabaseStorage(kit.settings.supabase)
     processor = SimpleAudioProcessor(
-        settings.synthesizer(), AudioStore(client), storage, settings.url_expires_s
+        kit.synthesizer, kit.store, storage, kit.settings.url_expires_s
     )
-
-    async def aclose() -> None:
-        await http.aclose()
-        await storage.aclose()
-
-    return ProcessorSpec(
-        name=JOB_NAME,
-        handler=processor.run,
-        description=f"a text read by Amazon Polly into Supabase Storage bucket {BUCKET}",
-        aclose=aclose,
-        on_final_failure=processor.failed,
-    )
+    description = f"a text read by Amazon Polly into Supabase Storage bucket {BUCKET}"
+    return kit.spec(JOB_NAME, processor, description, storage.aclose)
 
 
 class SimpleAudioProcessor:

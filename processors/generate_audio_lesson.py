@@ -35,12 +35,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from processors.shared.audio_job import AudioSettings, run_once, state_of
+from processors.shared.audio_job import AudioKit, run_once, state_of
 from processors.shared.audio_store import AudioStore
 from processors.shared.aws import classify
 from processors.shared.job_state import JobState
 from processors.shared.speech import Synthesizer
-from processors.shared.supabase_client import make_client
 from worker.context import JobContext
 from worker.contract_types import AudioLessonPayload, AudioLessonRow
 from worker.errors import PermanentJobError
@@ -56,32 +55,22 @@ META_DURATION = "duration-s"
 
 
 def build(env: Mapping[str, str]) -> ProcessorSpec:
-    settings = AudioSettings.from_env(JOB_NAME, env)
+    kit = AudioKit.build(JOB_NAME, env)
     bucket = env.get(BUCKET_VARIABLE, "").strip() or DEFAULT_BUCKET
     public_base = env.get(PUBLIC_BASE_VARIABLE, "").strip().rstrip("/") or None
-    client, http = make_client(settings.supabase)
     processor = AudioLessonProcessor(
-        settings.synthesizer(),
+        kit.synthesizer,
         # SigV4 for the presigned URLs too (botocore presigns S3 with SigV2 unless told, and
         # regions opened since 2014 accept only SigV4).
-        settings.aws.client("s3", signature_version="s3v4"),
-        AudioStore(client),
+        kit.aws_client("s3", signature_version="s3v4"),
+        kit.store,
         bucket=bucket,
         public_base=public_base,
-        url_expires_s=settings.url_expires_s,
+        url_expires_s=kit.settings.url_expires_s,
     )
-
-    async def aclose() -> None:
-        await http.aclose()
-
     where = f"{public_base}/…" if public_base else "presigned URLs"
-    return ProcessorSpec(
-        name=JOB_NAME,
-        handler=processor.run,
-        description=f"a lesson read by Amazon Polly into S3 bucket {bucket} ({where})",
-        aclose=aclose,
-        on_final_failure=processor.failed,
-    )
+    description = f"a lesson read by Amazon Polly into S3 bucket {bucket} ({where})"
+    return kit.spec(JOB_NAME, processor, description)
 
 
 class AudioLessonProcessor:

@@ -68,24 +68,33 @@ class AwsSettings:
         token = env.get(TOKEN_VARIABLE, "").strip() or None
         return cls(key_id, secret, region, token)
 
-    def client(self, service: str, **config: Any) -> Any:
-        """A boto3 client (thread-safe; its calls block, so callers run them in a thread)."""
+    def session(self) -> Any:
+        """A boto3 Session with these credentials and region: one per processor, whose
+        clients are made from it (`boto3_client`)."""
         import boto3  # only when an AWS job type is built: ~20 MB the others never need
-        from botocore.config import Config
 
-        return boto3.session.Session().client(
-            service,
-            region_name=self.region,
+        return boto3.session.Session(
             aws_access_key_id=self.key_id,
             aws_secret_access_key=self.secret,
             aws_session_token=self.session_token,
-            config=Config(
-                retries={"total_max_attempts": 1, "mode": "standard"},
-                connect_timeout=CONNECT_TIMEOUT_S,
-                read_timeout=READ_TIMEOUT_S,
-                **config,
-            ),
+            region_name=self.region,
         )
+
+
+def boto3_client(session: Any, service: str, **config: Any) -> Any:
+    """A boto3 client of `session` (thread-safe; its calls block, so callers run them in a
+    thread), with boto3's own retries off and our timeouts."""
+    from botocore.config import Config
+
+    return session.client(
+        service,
+        config=Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            **config,
+        ),
+    )
 
 
 def classify(exc: BaseException, service: str, provider: str) -> JobError:
