@@ -68,12 +68,11 @@ class SimpleAudioProcessor:
         async def steps(state: JobState) -> dict[str, Any]:
             await ctx.progress(10)
             row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
-            if not state.get("row_saved"):
-                await self.store.insert_once(
-                    {"id": row_id, "user_id": user_id, "title": payload["title"],
-                     "status": "not_started", "audio_url": "pending"}
-                )  # fmt: skip
-                await state.put({"row_saved": True})
+            # Again on a retry: insert_once adopts the row already there, unchanged.
+            await self.store.insert_once(
+                {"id": row_id, "user_id": user_id, "title": payload["title"],
+                 "status": "not_started", "audio_url": "pending"}
+            )  # fmt: skip
             ms, _ = await state.put_new("ms", int(time.time() * 1000))
             path = f"{user_id}/{row_id}-{ms}.mp3"
             if (stored := state.get("stored")) is None:
@@ -97,9 +96,9 @@ class SimpleAudioProcessor:
     async def failed(self, failure: FinalFailure) -> None:
         """The job failed for good: its row, when there is one, gets status `failed`."""
         state = await state_of(failure)
-        if state.get("row_saved"):
-            row_id = str(state.get("row_id"))
-            await self.store.update(row_id, {"status": "failed"})
+        if (row_id := state.get("row_id")) is None:
+            return  # failed before its row was made
+        if await self.store.update(str(row_id), {"status": "failed"}) is not None:
             failure.log.info("audio_lessons row {} has status failed: {}", row_id, failure.reason)
 
     async def _make(
@@ -112,4 +111,4 @@ class SimpleAudioProcessor:
         await ctx.progress(80)
         await self.storage.upload(BUCKET, path, speech.audio, "audio/mpeg", upsert=True)
         ctx.log.info("Stored {}/{} ({} bytes)", BUCKET, path, len(speech.audio))
-        return {"duration_s": round(speech.duration_s, 3), "bytes": len(speech.audio)}
+        return {"duration_s": round(speech.duration_s, 3)}

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from processors.shared.audio_job import AudioKit, run_once, state_of
 from processors.shared.audio_store import AudioStore
-from processors.shared.aws import classify
+from processors.shared.aws import classify, error_of
 from processors.shared.job_state import JobState
 from processors.shared.speech import Synthesizer
 from worker.context import JobContext
@@ -170,7 +170,7 @@ class AudioLessonProcessor:
             Metadata=metadata,
         )
         ctx.log.info("Stored s3://{}/{} ({} bytes)", self.bucket, key, len(speech.audio))
-        return {"duration_s": round(speech.duration_s, 3), "bytes": len(speech.audio)}
+        return {"duration_s": round(speech.duration_s, 3)}
 
     async def _existing(self, key: str, ctx: JobContext) -> dict[str, Any] | None:
         """This job's object, when an earlier run stored it and crashed before saying so.
@@ -191,7 +191,7 @@ class AudioLessonProcessor:
         if metadata.get(META_JOB) != ctx.job_id or META_DURATION not in metadata:
             return None
         ctx.log.info("s3://{}/{} was stored by an earlier run; Polly skipped", self.bucket, key)
-        return {"duration_s": float(metadata[META_DURATION]), "bytes": head.get("ContentLength")}
+        return {"duration_s": float(metadata[META_DURATION])}
 
     async def _url(self, key: str) -> str:
         if self.public_base:
@@ -211,7 +211,7 @@ class AudioLessonProcessor:
             return await asyncio.to_thread(call, *args, **kwargs)  # boto3 blocks
         except Exception as exc:
             error = classify(exc, S3, "s3")
-            if "NoSuchBucket" in str(error):
+            if error_of(exc)[0] == "NoSuchBucket":
                 error = PermanentJobError(
                     f"{S3} has no bucket {self.bucket!r} ({BUCKET_VARIABLE}): could not {doing} "
                     f"{key}"

@@ -21,7 +21,6 @@ from postgrest import APIError
 from processors.shared.lesson_store import LESSONS, VOCABULARY, LessonStore
 from processors.shared.rows import (
     classify_db_error,
-    get_by_id,
     insert_once,
     rows_of,
     update_by_id,
@@ -51,9 +50,6 @@ class AudioStore:
     async def insert_once(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """Insert `row` (which carries its `id`) unless a row with that id exists; the row."""
         return await insert_once(self.client, AUDIO_LESSONS, row, f"save audio lesson {row['id']}")
-
-    async def get(self, row_id: str) -> dict[str, Any] | None:
-        return await get_by_id(self.client, AUDIO_LESSONS, row_id, f"read audio lesson {row_id}")
 
     async def update(self, row_id: str, changes: Mapping[str, Any]) -> dict[str, Any] | None:
         """The updated row, or None when no row has that id."""

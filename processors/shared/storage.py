@@ -76,10 +76,6 @@ class SupabaseStorage:
         except Exception as exc:
             raise self.classify(exc, f"store {bucket}/{path}") from exc
 
-    def public_url(self, bucket: str, path: str) -> str:
-        """Where a public bucket serves the object (no request made)."""
-        return f"{self.base_url}/object/public/{bucket}/{path}"
-
     async def signed_url(self, bucket: str, path: str, expires_in_s: int) -> str:
         try:
             signed = await self.client.from_(bucket).create_signed_url(path, expires_in_s)
