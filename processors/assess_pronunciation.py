@@ -67,12 +67,12 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
     problems = ConfigProblems()
     speech = problems.take(lambda: SpeechSettings.from_env(env))
     protection = problems.take(lambda: ProviderSettings.from_env(AZURE_SPEECH, env))
-    problems.raise_any()
+    storage = problems.take(lambda: SupabaseStorage.from_env(env))  # None: audioUrl only
+    problems.raise_any()  # every malformed variable at once, Supabase's too
     if speech is None:
         where = f"{REGION_VARIABLE} (or {ENDPOINT_VARIABLE})"
         raise ProviderMissing(JOB_NAME, "Azure Speech", [KEY_VARIABLE, where])
     assert protection is not None
-    storage = SupabaseStorage.from_env(env)  # ConfigError when half configured
     processor = PronunciationProcessor(speech, Provider(protection, "pronunciation"), storage)
     return ProcessorSpec(
         name=JOB_NAME,
