@@ -4,7 +4,7 @@ Queue `audio-jobs`. Payload `{title, scriptText, userId, nativeLanguage?}` (INTE
 voice by `nativeLanguage`, default English). Steps (progress on the left):
 
     10  the `audio_lessons` row: user_id, title, status `not_started`, audio_url `pending`
-    20  Polly, chunk by chunk (processors.shared.speech) → one MP3, its duration counted
+    20  Polly, chunk by chunk (processors.shared.polly) → one MP3, its duration counted
     80  upload to the Storage bucket `Audio_Lessons` at `<userId>/<audioLessonId>-<ms>.mp3`
     90  the row updated: status `completed`, audio_url (a signed URL valid
           AUDIO_URL_EXPIRES_S: the bucket is private), audio_file_path, audio_duration
@@ -27,8 +27,8 @@ from typing import Any, cast
 from processors.shared.audio_job import AudioKit, run_once, state_of
 from processors.shared.audio_store import AudioStore
 from processors.shared.job_state import JobState
-from processors.shared.speech import Synthesizer
-from processors.shared.storage import SupabaseStorage
+from processors.shared.polly import Synthesizer
+from processors.shared.supabase_storage import SupabaseStorage
 from worker.context import JobContext
 from worker.contract_types import SimpleAudioPayload, SimpleAudioRow
 from worker.errors import PermanentJobError

@@ -9,7 +9,7 @@ lesson's terms' language, for the voice; default English: Joanna, en-US, neural)
     20  the lesson (`esp_lessons` by id, which must belong to the user) and its
           `lesson_vocabulary` → the script: title, then per term the term, its definition
           and its example sentence, then the lesson's conversation (`chat_content`)
-    30  Polly, chunk by chunk (processors.shared.speech) → one MP3, its duration counted
+    30  Polly, chunk by chunk (processors.shared.polly) → one MP3, its duration counted
     80  S3 PutObject to AWS_S3_BUCKET at `audio-lessons/<userId>/<lessonId>-<ms>.mp3`, private
     90  the `audio_lessons` row: user_id, lesson_id, title, status `completed`, audio_url
           (AWS_S3_PUBLIC_BASE_URL + key when set, else a presigned GET URL valid
@@ -39,7 +39,7 @@ from processors.shared.audio_job import AudioKit, run_once, state_of
 from processors.shared.audio_store import AudioStore
 from processors.shared.aws import classify, error_of
 from processors.shared.job_state import JobState
-from processors.shared.speech import Synthesizer
+from processors.shared.polly import Synthesizer
 from worker.context import JobContext
 from worker.contract_types import AudioLessonPayload, AudioLessonRow
 from worker.errors import PermanentJobError

@@ -37,7 +37,7 @@ from azure.core.exceptions import (
 )
 
 from processors.shared.retry_after import retry_after_s
-from processors.shared.storage import MB, SupabaseStorage, missing_sentence
+from processors.shared.supabase_storage import MB, SupabaseStorage, missing_sentence
 from worker.context import JobContext
 from worker.contract_types import ImageLine, ImagePayload, ImageResult
 from worker.errors import (

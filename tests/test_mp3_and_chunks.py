@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from processors.shared import mp3
-from processors.shared.speech import MAX_CHUNK_CHARS, Synthesizer, Voice, split_text, voice_for
+from processors.shared.polly import MAX_CHUNK_CHARS, Synthesizer, Voice, split_text, voice_for
 
 FRAME = mp3.silent_frames(1)  # 96 bytes: MPEG-2 Layer III, 24 kHz, 32 kbit/s, mono
 

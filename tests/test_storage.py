@@ -1,4 +1,4 @@
-"""processors/shared/storage.py against the Supabase stand-in's Storage routes (the `db`
+"""processors/shared/supabase_storage.py against the Supabase stand-in's Storage routes (the `db`
 fixture): what each call sends, and how each failure is classified for the runtime."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from processors.shared.storage import SupabaseStorage, split_storage_path
+from processors.shared.supabase_storage import SupabaseStorage, split_storage_path
 from tests.fakes.postgrest_server import FakePostgrest
 from worker.errors import PermanentJobError, RetryableJobError
 

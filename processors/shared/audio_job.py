@@ -25,7 +25,7 @@ import httpx
 from processors.shared.audio_store import AudioStore
 from processors.shared.aws import KEY_ID_VARIABLE, SECRET_VARIABLE, AwsSettings, boto3_client
 from processors.shared.job_state import JobState
-from processors.shared.speech import Synthesizer
+from processors.shared.polly import Synthesizer
 from processors.shared.supabase_client import (
     KEY_VARIABLES,
     URL_VARIABLES,

@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from processors.shared.audio import PreparedAudio
+from processors.shared.recording import PreparedAudio
 from processors.shared.retry_after import retry_after_s
 from worker.errors import ConfigError, JobError, PermanentJobError, RateLimited, RetryableJobError
 from worker.providers import AZURE_SPEECH

@@ -16,7 +16,7 @@ from __future__ import annotations
 import aiohttp
 from yarl import URL
 
-from processors.shared.storage import too_large
+from processors.shared.supabase_storage import too_large
 from worker.errors import PermanentJobError, RetryableJobError
 
 CONNECT_TIMEOUT_S = 10.0
