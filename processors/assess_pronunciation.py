@@ -2,7 +2,7 @@
 
 Steps: progress 10 → the recording, from Supabase Storage (`audioFilePath` = `<bucket>/<path>`)
 or a URL (`audioUrl`), at most MAX_AUDIO_BYTES → made ready in a worker thread
-(processors.shared.audio: WAV 16 kHz mono and Ogg Opus as they are, other WAV converted,
+(processors.shared.recording: WAV 16 kHz mono and Ogg Opus as they are, other WAV converted,
 the rest refused; at most MAX_AUDIO_S) → progress 40 → azure-speech's breaker and rate limit
 (worker.providers) → one short-audio REST call with pronunciation assessment
 (processors.shared.azure_speech) → audio seconds and their cost reported → progress 100 and
@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import aiohttp
 
-from processors.shared import audio, url_fetch
+from processors.shared import recording, url_fetch
 from processors.shared.azure_speech import (
     ENDPOINT_VARIABLE,
     KEY_VARIABLE,
@@ -30,7 +30,12 @@ from processors.shared.azure_speech import (
     recognition_failure,
     recognize,
 )
-from processors.shared.storage import MB, SupabaseStorage, missing_sentence, split_storage_path
+from processors.shared.supabase_storage import (
+    MB,
+    SupabaseStorage,
+    missing_sentence,
+    split_storage_path,
+)
 from worker.context import JobContext
 from worker.contract_types import (
     PronunciationPayload,
@@ -67,12 +72,12 @@ def build(env: Mapping[str, str]) -> ProcessorSpec:
     problems = ConfigProblems()
     speech = problems.take(lambda: SpeechSettings.from_env(env))
     protection = problems.take(lambda: ProviderSettings.from_env(AZURE_SPEECH, env))
-    problems.raise_any()
+    storage = problems.take(lambda: SupabaseStorage.from_env(env))  # None: audioUrl only
+    problems.raise_any()  # every malformed variable at once, Supabase's too
     if speech is None:
         where = f"{REGION_VARIABLE} (or {ENDPOINT_VARIABLE})"
         raise ProviderMissing(JOB_NAME, "Azure Speech", [KEY_VARIABLE, where])
     assert protection is not None
-    storage = SupabaseStorage.from_env(env)  # ConfigError when half configured
     processor = PronunciationProcessor(speech, Provider(protection, "pronunciation"), storage)
     return ProcessorSpec(
         name=JOB_NAME,
@@ -108,7 +113,7 @@ class PronunciationProcessor:
         payload = cast(PronunciationPayload, data)  # validated against the contract
         await ctx.progress(10)
         raw = await self.recording(payload)
-        prepared = await asyncio.to_thread(audio.prepare, raw, MAX_AUDIO_S)
+        prepared = await asyncio.to_thread(recording.prepare, raw, MAX_AUDIO_S)
         await ctx.progress(40)
         language = payload.get("language") or DEFAULT_LANGUAGE
         async with self.provider.call(ctx.redis) as permit:

@@ -4,7 +4,7 @@ Queue `audio-jobs`. Payload `{title, scriptText, userId, nativeLanguage?}` (INTE
 voice by `nativeLanguage`, default English). Steps (progress on the left):
 
     10  the `audio_lessons` row: user_id, title, status `not_started`, audio_url `pending`
-    20  Polly, chunk by chunk (processors.shared.speech) → one MP3, its duration counted
+    20  Polly, chunk by chunk (processors.shared.polly) → one MP3, its duration counted
     80  upload to the Storage bucket `Audio_Lessons` at `<userId>/<audioLessonId>-<ms>.mp3`
     90  the row updated: status `completed`, audio_url (a signed URL valid
           AUDIO_URL_EXPIRES_S: the bucket is private), audio_file_path, audio_duration
@@ -12,9 +12,9 @@ voice by `nativeLanguage`, default English). Steps (progress on the left):
 
 Written once across retries and `kill -9` (processors.shared.job_state): the row id and `<ms>`
 are recorded (HSETNX) before first use, so every run inserts the same row (`ON CONFLICT (id)
-DO NOTHING`) and uploads to the same path (with upsert: a retry overwrites the object). On a
-final failure (permanent, or the last attempt) the row, when there is one, gets status
-`failed`.
+DO NOTHING`) and uploads to the same path (with upsert: a retry overwrites the object). When
+the job fails for good (`on_final_failure`: permanent, last attempt, timeout, rate-limit cap,
+stalls) the row, when there is one, gets status `failed`.
 """
 
 from __future__ import annotations
@@ -24,39 +24,28 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from processors.shared.audio_job import AudioSettings, run_once
+from processors.shared.audio_job import AudioKit, run_once, state_of
 from processors.shared.audio_store import AudioStore
 from processors.shared.job_state import JobState
-from processors.shared.speech import Synthesizer
-from processors.shared.storage import SupabaseStorage
-from processors.shared.supabase_client import make_client
+from processors.shared.polly import Synthesizer
+from processors.shared.supabase_storage import SupabaseStorage
 from worker.context import JobContext
 from worker.contract_types import SimpleAudioPayload, SimpleAudioRow
 from worker.errors import PermanentJobError
-from worker.registry import ProcessorSpec
+from worker.registry import FinalFailure, ProcessorSpec
 
 JOB_NAME = "create-simple-audio"
 BUCKET = "Audio_Lessons"
 
 
 def build(env: Mapping[str, str]) -> ProcessorSpec:
-    settings = AudioSettings.from_env(JOB_NAME, env)
-    client, http = make_client(settings.supabase)
-    storage = SupabaseStorage(settings.supabase)
+    kit = AudioKit.build(JOB_NAME, env)
+    storage = SupabaseStorage(kit.settings.supabase)
     processor = SimpleAudioProcessor(
-        settings.synthesizer(), AudioStore(client), storage, settings.url_expires_s
+        kit.synthesizer, kit.store, storage, kit.settings.url_expires_s
     )
-
-    async def aclose() -> None:
-        await http.aclose()
-        await storage.aclose()
-
-    return ProcessorSpec(
-        name=JOB_NAME,
-        handler=processor.run,
-        description=f"a text read by Amazon Polly into Supabase Storage bucket {BUCKET}",
-        aclose=aclose,
-    )
+    description = f"a text read by Amazon Polly into Supabase Storage bucket {BUCKET}"
+    return kit.spec(JOB_NAME, processor, description, storage.aclose)
 
 
 class SimpleAudioProcessor:
@@ -79,12 +68,11 @@ class SimpleAudioProcessor:
         async def steps(state: JobState) -> dict[str, Any]:
             await ctx.progress(10)
             row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
-            if not state.get("row_saved"):
-                await self.store.insert_once(
-                    {"id": row_id, "user_id": user_id, "title": payload["title"],
-                     "status": "not_started", "audio_url": "pending"}
-                )  # fmt: skip
-                await state.put({"row_saved": True})
+            # Again on a retry: insert_once adopts the row already there, unchanged.
+            await self.store.insert_once(
+                {"id": row_id, "user_id": user_id, "title": payload["title"],
+                 "status": "not_started", "audio_url": "pending"}
+            )  # fmt: skip
             ms, _ = await state.put_new("ms", int(time.time() * 1000))
             path = f"{user_id}/{row_id}-{ms}.mp3"
             if (stored := state.get("stored")) is None:
@@ -103,13 +91,15 @@ class SimpleAudioProcessor:
                                         "could be recorded")  # fmt: skip
             return row
 
-        async def failed(state: JobState, reason: str) -> None:
-            if state.get("row_saved"):
-                row_id = str(state.get("row_id"))
-                await self.store.update(row_id, {"status": "failed"})
-                ctx.log.info("audio_lessons row {} has status failed: {}", row_id, reason)
+        return cast(SimpleAudioRow, await run_once(ctx, steps))
 
-        return cast(SimpleAudioRow, await run_once(ctx, steps, failed))
+    async def failed(self, failure: FinalFailure) -> None:
+        """The job failed for good: its row, when there is one, gets status `failed`."""
+        state = await state_of(failure)
+        if (row_id := state.get("row_id")) is None:
+            return  # failed before its row was made
+        if await self.store.update(str(row_id), {"status": "failed"}) is not None:
+            failure.log.info("audio_lessons row {} has status failed: {}", row_id, failure.reason)
 
     async def _make(
         self, payload: SimpleAudioPayload, path: str, ctx: JobContext
@@ -121,4 +111,4 @@ class SimpleAudioProcessor:
         await ctx.progress(80)
         await self.storage.upload(BUCKET, path, speech.audio, "audio/mpeg", upsert=True)
         ctx.log.info("Stored {}/{} ({} bytes)", BUCKET, path, len(speech.audio))
-        return {"duration_s": round(speech.duration_s, 3), "bytes": len(speech.audio)}
+        return {"duration_s": round(speech.duration_s, 3)}

@@ -9,7 +9,7 @@ lesson's terms' language, for the voice; default English: Joanna, en-US, neural)
     20  the lesson (`esp_lessons` by id, which must belong to the user) and its
           `lesson_vocabulary` → the script: title, then per term the term, its definition
           and its example sentence, then the lesson's conversation (`chat_content`)
-    30  Polly, chunk by chunk (processors.shared.speech) → one MP3, its duration counted
+    30  Polly, chunk by chunk (processors.shared.polly) → one MP3, its duration counted
     80  S3 PutObject to AWS_S3_BUCKET at `audio-lessons/<userId>/<lessonId>-<ms>.mp3`, private
     90  the `audio_lessons` row: user_id, lesson_id, title, status `completed`, audio_url
           (AWS_S3_PUBLIC_BASE_URL + key when set, else a presigned GET URL valid
@@ -21,8 +21,9 @@ Written once across retries and `kill -9`, with the job's state (processors.shar
 the same key (a retry overwrites the object rather than adding one) and the same row id
 (`ON CONFLICT (id) DO NOTHING` adopts a row a crashed run inserted). The object carries the
 job id and duration as metadata: a run that finds its object already there (a crash between
-the upload and recording it) skips Polly. On a final failure (permanent, or the last
-attempt) a row with status `failed` is written under that same id, once.
+the upload and recording it) skips Polly; a first run, its key just made, does not look. When
+the job fails for good (`on_final_failure`: permanent, last attempt, timeout, rate-limit cap,
+stalls) a row with status `failed` is written under that same id, once.
 """
 
 from __future__ import annotations
@@ -34,16 +35,15 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
-from processors.shared.audio_job import AudioSettings, run_once
+from processors.shared.audio_job import AudioKit, run_once, state_of
 from processors.shared.audio_store import AudioStore
-from processors.shared.aws import classify
+from processors.shared.aws import classify, error_of
 from processors.shared.job_state import JobState
-from processors.shared.speech import Synthesizer
-from processors.shared.supabase_client import make_client
+from processors.shared.polly import Synthesizer
 from worker.context import JobContext
 from worker.contract_types import AudioLessonPayload, AudioLessonRow
 from worker.errors import PermanentJobError
-from worker.registry import ProcessorSpec
+from worker.registry import FinalFailure, ProcessorSpec
 
 JOB_NAME = "generate-audio-lesson"
 BUCKET_VARIABLE = "AWS_S3_BUCKET"
@@ -55,31 +55,22 @@ META_DURATION = "duration-s"
 
 
 def build(env: Mapping[str, str]) -> ProcessorSpec:
-    settings = AudioSettings.from_env(JOB_NAME, env)
+    kit = AudioKit.build(JOB_NAME, env)
     bucket = env.get(BUCKET_VARIABLE, "").strip() or DEFAULT_BUCKET
     public_base = env.get(PUBLIC_BASE_VARIABLE, "").strip().rstrip("/") or None
-    client, http = make_client(settings.supabase)
     processor = AudioLessonProcessor(
-        settings.synthesizer(),
+        kit.synthesizer,
         # SigV4 for the presigned URLs too (botocore presigns S3 with SigV2 unless told, and
         # regions opened since 2014 accept only SigV4).
-        settings.aws.client("s3", signature_version="s3v4"),
-        AudioStore(client),
+        kit.aws_client("s3", signature_version="s3v4"),
+        kit.store,
         bucket=bucket,
         public_base=public_base,
-        url_expires_s=settings.url_expires_s,
+        url_expires_s=kit.settings.url_expires_s,
     )
-
-    async def aclose() -> None:
-        await http.aclose()
-
     where = f"{public_base}/…" if public_base else "presigned URLs"
-    return ProcessorSpec(
-        name=JOB_NAME,
-        handler=processor.run,
-        description=f"a lesson read by Amazon Polly into S3 bucket {bucket} ({where})",
-        aclose=aclose,
-    )
+    description = f"a lesson read by Amazon Polly into S3 bucket {bucket} ({where})"
+    return kit.spec(JOB_NAME, processor, description)
 
 
 class AudioLessonProcessor:
@@ -115,12 +106,12 @@ class AudioLessonProcessor:
                 raise PermanentJobError(f"Lesson {lesson_id} belongs to another user")
             await state.put_new("title", str(lesson.get("title") or ""))
             row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
-            ms, _ = await state.put_new("ms", int(time.time() * 1000))
+            ms, new_key = await state.put_new("ms", int(time.time() * 1000))
             key = f"audio-lessons/{user_id}/{lesson_id}-{ms}.mp3"
             if (stored := state.get("stored")) is None:
-                stored = await self._existing(key, ctx) or await self._make(
-                    lesson, payload.get("language"), key, ctx
-                )
+                # A key made just now names no object yet: no HEAD to find out.
+                existing = None if new_key else await self._existing(key, ctx)
+                stored = existing or await self._make(lesson, payload.get("language"), key, ctx)
                 await state.put({"stored": stored})
             await ctx.progress(90)
             completed = {
@@ -137,24 +128,27 @@ class AudioLessonProcessor:
                 row = await self.store.update(row_id, completed) or row
             return row
 
-        async def failed(state: JobState, reason: str) -> None:
-            row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
-            row = await self.store.insert_once(
-                {
-                    "id": row_id,
-                    "user_id": user_id,
-                    "lesson_id": lesson_id,
-                    "title": state.get("title"),
-                    "status": "failed",
-                    "audio_url": None,
-                    "audio_file_path": None,
-                    "audio_duration": None,
-                }
-            )
-            ctx.log.info("audio_lessons row {} has status {}: {}", row_id, row.get("status"),
-                         reason)  # fmt: skip
+        return cast(AudioLessonRow, await run_once(ctx, steps))
 
-        return cast(AudioLessonRow, await run_once(ctx, steps, failed))
+    async def failed(self, failure: FinalFailure) -> None:
+        """The job failed for good: a row with status `failed` under the job's row id."""
+        payload = cast(AudioLessonPayload, failure.payload)
+        state = await state_of(failure)
+        row_id, _ = await state.put_new("row_id", str(uuid.uuid4()))
+        row = await self.store.insert_once(
+            {
+                "id": row_id,
+                "user_id": payload["userId"],
+                "lesson_id": str(payload["lessonId"]),
+                "title": state.get("title"),
+                "status": "failed",
+                "audio_url": None,
+                "audio_file_path": None,
+                "audio_duration": None,
+            }
+        )
+        failure.log.info("audio_lessons row {} has status {}: {}", row_id, row.get("status"),
+                         failure.reason)  # fmt: skip
 
     async def _make(
         self, lesson: Mapping[str, Any], language: str | None, key: str, ctx: JobContext
@@ -176,16 +170,19 @@ class AudioLessonProcessor:
             Metadata=metadata,
         )
         ctx.log.info("Stored s3://{}/{} ({} bytes)", self.bucket, key, len(speech.audio))
-        return {"duration_s": round(speech.duration_s, 3), "bytes": len(speech.audio)}
+        return {"duration_s": round(speech.duration_s, 3)}
 
     async def _existing(self, key: str, ctx: JobContext) -> dict[str, Any] | None:
-        """This job's object, when an earlier run stored it and crashed before saying so."""
+        """This job's object, when an earlier run stored it and crashed before saying so.
+
+        Without s3:ListBucket in the IAM policy, S3 answers a missing key's HEAD with 403, not
+        404: both mean "not there" here (PutObject reports a real credentials problem)."""
         from botocore.exceptions import ClientError
 
         try:
             head = await asyncio.to_thread(self.s3.head_object, Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (403, 404):
                 return None
             raise classify(exc, S3, "s3") from exc
         except Exception as exc:
@@ -194,7 +191,7 @@ class AudioLessonProcessor:
         if metadata.get(META_JOB) != ctx.job_id or META_DURATION not in metadata:
             return None
         ctx.log.info("s3://{}/{} was stored by an earlier run; Polly skipped", self.bucket, key)
-        return {"duration_s": float(metadata[META_DURATION]), "bytes": head.get("ContentLength")}
+        return {"duration_s": float(metadata[META_DURATION])}
 
     async def _url(self, key: str) -> str:
         if self.public_base:
@@ -214,7 +211,7 @@ class AudioLessonProcessor:
             return await asyncio.to_thread(call, *args, **kwargs)  # boto3 blocks
         except Exception as exc:
             error = classify(exc, S3, "s3")
-            if "NoSuchBucket" in str(error):
+            if error_of(exc)[0] == "NoSuchBucket":
                 error = PermanentJobError(
                     f"{S3} has no bucket {self.bucket!r} ({BUCKET_VARIABLE}): could not {doing} "
                     f"{key}"

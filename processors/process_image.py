@@ -36,7 +36,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from processors.shared.storage import MB, SupabaseStorage, missing_sentence
+from processors.shared.retry_after import retry_after_s
+from processors.shared.supabase_storage import MB, SupabaseStorage, missing_sentence
 from worker.context import JobContext
 from worker.contract_types import ImageLine, ImagePayload, ImageResult
 from worker.errors import (
@@ -163,7 +164,9 @@ def classify_azure_error(exc: BaseException) -> JobError:
     code, message = _error_of(exc)
     tag = f"HTTP {status}{f' {code}' if code else ''}"
     if status == 429:
-        return RateLimited(_retry_after(exc), f"Azure AI Vision rate limit ({tag})",
+        headers = cast(Mapping[str, str], getattr(exc.response, "headers", None) or {})
+        return RateLimited(retry_after_s(headers, DEFAULT_RETRY_AFTER_S),
+                           f"Azure AI Vision rate limit ({tag})",
                            provider=AZURE_VISION)  # fmt: skip
     if status in (401, 403) or isinstance(exc, ClientAuthenticationError):
         return PermanentJobError(
@@ -189,11 +192,3 @@ def _error_of(exc: HttpResponseError) -> tuple[str, str]:
         code = str(inner["code"])
         message = str(inner.get("message") or message)
     return code, message[:300]
-
-
-def _retry_after(exc: HttpResponseError) -> float:
-    headers = cast(Mapping[str, str], getattr(exc.response, "headers", None) or {})
-    try:
-        return max(float(headers.get("Retry-After", "")), 0.0)
-    except ValueError:
-        return DEFAULT_RETRY_AFTER_S

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from processors import assess_pronunciation as ap
 from processors import build_registry
-from processors.shared import audio
+from processors.shared import recording
 from processors.shared.azure_speech import SpeechSettings
 from tests.fakes import LocalServer
 from tests.fakes.azure_speech_server import (
@@ -208,7 +208,7 @@ async def test_other_wav_is_converted_and_a_url_is_fetched(world: World, node6: 
     assert result["pronunciationScore"] == 52.5 and result["passed"] is False
     assert result["words"][0]["accuracyScore"] == 52.5
     (sent,) = world.azure.requests
-    fmt, pcm = audio.parse_wav(sent.raw)  # the stand-in refuses anything but 16 kHz mono
+    fmt, pcm = recording.parse_wav(sent.raw)  # the stand-in refuses anything but 16 kHz mono
     assert (fmt.rate, fmt.channels, fmt.bits, len(pcm)) == (16000, 1, 16, 32000)
     assert sent.param("language") == "de-DE"
 
@@ -344,9 +344,9 @@ def test_region_gives_the_regional_host() -> None:
     ("rate", "channels", "width"), [(44100, 2, 2), (48000, 1, 3), (8000, 1, 1), (22050, 2, 4)]
 )
 def test_wav_conversion_keeps_the_tone(rate: int, channels: int, width: int) -> None:
-    prepared = audio.prepare(wav(0.5, rate, channels, width), 30)
+    prepared = recording.prepare(wav(0.5, rate, channels, width), 30)
     assert prepared.converted and prepared.seconds == pytest.approx(0.5, abs=0.001)
-    fmt, pcm = audio.parse_wav(prepared.body)
+    fmt, pcm = recording.parse_wav(prepared.body)
     assert (fmt.rate, fmt.channels, fmt.bits) == (16000, 1, 16)
     samples = struct.unpack(f"<{len(pcm) // 2}h", pcm)
     crossings = sum(1 for a, b in itertools.pairwise(samples) if a < 0 <= b)
@@ -355,9 +355,9 @@ def test_wav_conversion_keeps_the_tone(rate: int, channels: int, width: int) -> 
 
 
 def test_ogg_checks() -> None:
-    assert audio.prepare(ogg_opus(1.5), 30).seconds == pytest.approx(1.5)
-    with pytest.raises(audio.UnsupportedAudio, match="Ogg Opus with 2 channels"):
-        audio.prepare(ogg_opus(1.0, channels=2), 30)
+    assert recording.prepare(ogg_opus(1.5), 30).seconds == pytest.approx(1.5)
+    with pytest.raises(recording.UnsupportedAudio, match="Ogg Opus with 2 channels"):
+        recording.prepare(ogg_opus(1.0, channels=2), 30)
     vorbis = _ogg_page(2, 0, 0, [b"\x01vorbis" + bytes(22)])
-    with pytest.raises(audio.UnsupportedAudio, match="Ogg Vorbis"):
-        audio.prepare(vorbis, 30)
+    with pytest.raises(recording.UnsupportedAudio, match="Ogg Vorbis"):
+        recording.prepare(vorbis, 30)

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 import processors
 from processors import ping as ping_module
 from processors.shared import url_fetch
-from processors.shared.audio import wav_bytes
+from processors.shared.recording import wav_bytes
 from tests.fakes.aws_fixtures import aws_variables, new_bucket
 from tests.fakes.azure_speech_server import KEY as AZURE_SPEECH_KEY
 from tests.fakes.azure_speech_server import FakeAzureSpeech

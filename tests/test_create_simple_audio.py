@@ -15,7 +15,7 @@ from processors import create_simple_audio as csa
 from processors.shared import mp3
 from tests.fakes.aws_fixtures import aws_variables
 from tests.fakes.fixtures import Tables
-from tests.fakes.polly_server import FakePolly, held, refused
+from tests.fakes.polly_server import FakePolly, Reply, held, refused, throttled
 from tests.fakes.postgrest_server import FakePostgrest
 from tests.support.harness import eventually, running_service, settings_for
 from tests.support.node_bridge import NodeBridge
@@ -118,6 +118,30 @@ async def test_text_polly_refuses_fails_at_once_and_marks_the_row_failed(
     assert "InvalidSsmlException" in job["failedReason"]
     (row,) = db.tables["audio_lessons"]
     assert row["status"] == "failed" and db.storage.objects(BUCKET) == {}
+
+
+@pytest.mark.parametrize(
+    ("setting", "reply", "reason"),
+    [
+        ({"WORKER_JOB_TIMEOUT_S": 1}, held(30.0), "Job timed out after 1 s"),
+        ({"WORKER_RATE_LIMIT_MAX_WAIT_S": 0}, throttled(), "WORKER_RATE_LIMIT_MAX_WAIT_S"),
+    ],
+)
+async def test_a_job_failed_for_good_by_the_loop_marks_its_row_failed(
+    db: FakePostgrest, polly: FakePolly, aws_env: dict[str, str], redis_url: str,
+    queue_name: str, node6: NodeBridge, setting: dict[str, Any], reply: Reply, reason: str,
+) -> None:  # fmt: skip
+    """Failed for good where the processor cannot see it: cancelled by the job timeout on its
+    last attempt, or parked past the rate-limit wait cap (the loop's, not the processor's)."""
+    polly.script(reply)
+    registry = Registry()
+    registry.register(csa.build(env_of(db, aws_env)))
+    async with running_service(settings_for(redis_url, queue_name, **setting), registry):
+        added = await node6.contract_enqueue(queue_name, csa.JOB_NAME, payload(), {"attempts": 1})
+        job = await node6.wait_finished(queue_name, added["id"], timeout_ms=30000)
+    assert job["state"] == "failed" and reason in job["failedReason"], job
+    (row,) = db.tables["audio_lessons"]
+    assert row["status"] == "failed" and row["audio_url"] == "pending", row
 
 
 def test_without_variables_the_type_is_disabled() -> None:

@@ -199,6 +199,47 @@ async def test_a_polly_server_error_is_retried_into_the_same_object_and_row(
     assert len(world.rows) == 1 and len(world.bucket.keys()) == 1
 
 
+class NoListBucket:
+    """The processor's S3 client under an IAM policy without s3:ListBucket: S3 answers the HEAD
+    of a missing key with 403 instead of 404."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.heads = 0
+
+    def head_object(self, **kwargs: Any) -> Any:
+        from botocore.exceptions import ClientError
+
+        self.heads += 1
+        try:
+            return self.client.head_object(**kwargs)
+        except ClientError as exc:
+            if exc.response["ResponseMetadata"]["HTTPStatusCode"] != 404:
+                raise
+            forbidden = {"Error": {"Code": "403", "Message": "Forbidden"},
+                         "ResponseMetadata": {"HTTPStatusCode": 403}}  # fmt: skip
+            raise ClientError(forbidden, "HeadObject") from None  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+@pytest.mark.parametrize("polly_fails_once", [False, True])
+async def test_without_list_bucket_a_missing_object_is_made_not_a_credentials_failure(
+    world: World, node6: NodeBridge, polly_fails_once: bool
+) -> None:
+    processor = world.service.registry.get(gal.JOB_NAME).handler.__self__  # type: ignore[attr-defined]
+    s3 = processor.s3 = NoListBucket(processor.s3)
+    if polly_fails_once:
+        world.polly.script(server_error())
+    job = await run(node6, world.queue)
+    assert job["state"] == "completed", job
+    assert job["attemptsMade"] == 1 + polly_fails_once, job
+    # The first run made the key: nothing to look for. The retry looks, and 403 is "absent".
+    assert s3.heads == int(polly_fails_once)
+    assert len(world.rows) == 1 and len(world.bucket.keys()) == 1
+
+
 async def test_text_polly_refuses_fails_at_once_with_one_failed_row(
     world: World, node6: NodeBridge
 ) -> None:

@@ -18,7 +18,7 @@ from tests.support.redis_server import private_redis
 from worker.context import JobContext
 from worker.contract import Contract
 from worker.logs import flush_logs, setup_logging
-from worker.registry import ProcessorSpec
+from worker.registry import FinalFailure, ProcessorSpec
 from worker.service import Service
 
 
@@ -129,6 +129,28 @@ async def test_a_job_type_may_declare_a_shorter_timeout_and_sync_handlers_obey_i
     async with running_service(settings, registry):
         job = await node6.wait_finished(queue_name, added["id"], timeout_ms=10_000)
     assert job["state"] == "failed" and job["failedReason"] == "Job timed out after 0.2 s"
+
+
+async def test_the_final_failure_hook_runs_once_and_its_own_failure_hides_nothing(
+    node6: NodeBridge, redis_url: str, queue_name: str
+) -> None:
+    told: list[FinalFailure] = []
+
+    async def failed(failure: FinalFailure) -> None:
+        told.append(failure)
+        raise RuntimeError("Supabase is down")
+
+    registry = registry_of(ProcessorSpec(name="hang", handler=hang, on_final_failure=failed))
+    settings = settings_for(redis_url, queue_name, WORKER_JOB_TIMEOUT_S=0.3)
+    added = await node6.add(queue_name, "hang", {"n": 1}, opts={"attempts": 2, "backoff": 0})
+    async with running_service(settings, registry):
+        job = await node6.wait_finished(queue_name, added["id"], timeout_ms=10_000)
+    assert job["state"] == "failed" and job["attemptsMade"] == 2, job
+    assert job["failedReason"] == "Job timed out after 0.3 s"
+    (failure,) = told  # the last attempt only
+    assert (failure.job_id, failure.payload) == (added["id"], {"n": 1})
+    assert failure.reason == "Job timed out after 0.3 s"
+    assert failure.state_key.endswith(f"{added['id']}:py-state")
 
 
 # --- shutdown ----------------------------------------------------------------------------------

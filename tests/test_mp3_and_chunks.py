@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 
 from processors.shared import mp3
-from processors.shared.speech import MAX_CHUNK_CHARS, split_text, voice_for
+from processors.shared.polly import MAX_CHUNK_CHARS, Synthesizer, Voice, split_text, voice_for
 
 FRAME = mp3.silent_frames(1)  # 96 bytes: MPEG-2 Layer III, 24 kHz, 32 kbit/s, mono
 
@@ -96,3 +100,23 @@ def test_a_sentence_longer_than_a_chunk_is_cut_at_clauses_then_spaces() -> None:
 def test_voice_by_language(language: str | None, voice: str, engine: str, known: bool) -> None:
     chosen, found = voice_for(language)
     assert (chosen.voice_id, chosen.engine, found) == (voice, engine, known)
+
+
+async def test_the_chunks_are_joined_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[threading.Thread] = []
+    real_join = mp3.join
+
+    def join(pieces: list[bytes]) -> mp3.Mp3Stream:
+        threads.append(threading.current_thread())
+        return real_join(pieces)
+
+    async def synthesize(self: Synthesizer, text: str, voice: Voice, ctx: Any) -> tuple[bytes, int]:
+        return mp3.silent_frames(len(text)), len(text)
+
+    monkeypatch.setattr(mp3, "join", join)
+    monkeypatch.setattr(Synthesizer, "_synthesize", synthesize)
+    ctx = SimpleNamespace(provider_usage=lambda provider, unit, amount: 0.0)
+    voice, _ = voice_for("English")
+    spoken = await Synthesizer(None, None).speak("Hello there.", voice, ctx)  # type: ignore[arg-type]
+    assert spoken.duration_s == pytest.approx(12 * 0.024)
+    assert threads and threads[0] is not threading.main_thread()

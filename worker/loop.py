@@ -7,8 +7,9 @@ after a crash. `stop(grace_s)` is the whole shutdown and keeps a hard deadline o
 Redis or no Redis. `run_until_idle()` runs the queue empty and returns (tests, one-off runs).
 
 Job outcomes, each recorded once (`_finish_*`): completed; failed for good (not retryable, or
-its last attempt); retried (an attempt used, BullMQ's backoff applied); requeued (a shutdown:
-back to waiting; or Deferred, e.g. a 429 or an open breaker: parked in delayed; no attempt used).
+its last attempt; its job type's `on_final_failure` hook is called first); retried (an attempt
+used, BullMQ's backoff applied); requeued (a shutdown: back to waiting; or Deferred, e.g. a 429
+or an open breaker: parked in delayed; no attempt used).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from worker.backoff import RedisBackoff
 from worker.dispatch import Dispatcher
-from worker.errors import Deferred, PermanentJobError
+from worker.errors import Deferred, InvalidPayload, PermanentJobError
 from worker.joblog import JobLog
 from worker.keys import hash_tag, refused_wait_key, worker_alive_key, worker_runs_key
 from worker.logs import job_line, job_lines_on
@@ -46,6 +47,7 @@ from worker.redis_probe import (
     server_identity,
     wait_until_reachable,
 )
+from worker.registry import FinalFailure
 from worker.results import node_json
 from worker.settings import Settings
 from worker.stats import Stats
@@ -62,6 +64,8 @@ MAX_RATE_LIMIT_S = 300.0
 PARK_JITTER = 0.2
 # The per-job total of 429 waits outlives the cap by this much, then expires.
 REFUSED_TTL_S = 3600
+# A job type's on_final_failure hook gets this long; then the job is marked failed without it.
+FINAL_FAILURE_HOOK_S = 30.0
 # A worker with a stable identity says it is alive this often, for this long; its successor
 # takes back the jobs of a previous run whose heartbeat is gone.
 HEARTBEAT_S = 1.0
@@ -467,6 +471,7 @@ class JobLoop:
         stack = stack_of(job, exc)
         if final:
             _end(log, job, started, f"failed for good: {_reason(exc)}")
+            await self._tell_final_failure(job, exc, reason)
             answer = await self.protocol.fail(job, reason, stack, self._fetch_next, log)
             logger.error("Job failed for good: {} ({})", job.id, _reason(exc))
             return "failed", answer
@@ -474,6 +479,20 @@ class JobLoop:
         await self.protocol.retry(job, reason, stack, delay_ms, log)
         logger.warning("Job {} will be retried: {}", job.id, _reason(exc))
         return "retry", NextJob(None)
+
+    async def _tell_final_failure(self, job: ActiveJob, exc: Exception, reason: str) -> None:
+        """The job type's on_final_failure hook, if it has one, before the job is marked failed
+        (a crash in between runs it again on the job's next try, rather than never)."""
+        hook = self.dispatcher.registry.final_failure_hook(job.name)
+        if hook is None or isinstance(exc, InvalidPayload):  # not a job its processor takes
+            return
+        d = self.dispatcher
+        failure = FinalFailure(job.id, job.data, reason, d.redis, d.state_key(job.id), logger)
+        try:
+            async with asyncio.timeout(FINAL_FAILURE_HOOK_S):
+                await hook(failure)
+        except Exception as hook_error:
+            logger.warning("The failure hook of {} failed: {}", job.name, _reason(hook_error))
 
     async def _defer(
         self, job: ActiveJob, exc: Deferred, log: JobLog | None, started: float

@@ -6,12 +6,35 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.context import JobContext
 from worker.errors import JobTypeDisabled, UnknownJobType
 
+if TYPE_CHECKING:
+    from loguru import Logger
+    from redis.asyncio import Redis
+
 Handler = Callable[[dict[str, Any], JobContext], Awaitable[Any] | Any]
+
+
+@dataclass(frozen=True)
+class FinalFailure:
+    """What a job type's `on_final_failure` hook is told: one of its jobs failed for good.
+
+    The job's processor is not running (it may never have run in this process): what the
+    hook needs is the payload and the state the processor kept beside the job.
+    """
+
+    job_id: str
+    payload: Any  # the job's data (its contract checked: an invalid payload calls no hook)
+    reason: str  # the job's failedReason
+    redis: Redis  # the worker's command connection
+    state_key: str  # the job's JobContext.state_key
+    log: Logger  # bound to the job
+
+
+FinalFailureHook = Callable[[FinalFailure], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +54,12 @@ class ProcessorSpec:
     aclose: Callable[[], Awaitable[None]] | None = None
     # A shorter per-attempt timeout than WORKER_JOB_TIMEOUT_S for this job type (None: that).
     timeout_s: float | None = None
+    # Called once when a job of this type fails for good (a permanent error, its last attempt,
+    # a timeout on it, the rate-limit wait cap, too many stalls), before the job is marked
+    # failed: e.g. to record the failure in the app's tables. It may run again for the same
+    # job (a crash before the job was marked failed), so it must be idempotent. Its own
+    # failure is logged and never changes the job's reason.
+    on_final_failure: FinalFailureHook | None = None
     is_async: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +98,11 @@ class Registry:
             if name in self.disabled:
                 raise JobTypeDisabled(name, self.disabled[name]) from None
             raise UnknownJobType(name) from None
+
+    def final_failure_hook(self, name: str) -> FinalFailureHook | None:
+        """The job type's `on_final_failure`, if it is registered and has one."""
+        spec = self._specs.get(name)
+        return None if spec is None else spec.on_final_failure
 
     def names(self) -> list[str]:
         return sorted(self._specs)

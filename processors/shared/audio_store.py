@@ -3,8 +3,8 @@
 `insert_once` writes a row with the id the caller chose and recorded beforehand (in the job's
 state) as `INSERT ... ON CONFLICT (id) DO NOTHING`, then reads it back by id when the insert
 returned nothing: repeated after a crash, it adopts the row instead of writing a second one
-(lesson_store's `insert_once`, as generate-lesson writes its lessons). `update` is by id,
-the same however often it runs. Failures are classified by lesson_store's `classify_db_error`.
+(processors.shared.rows, as generate-lesson writes its lessons). `update` is by id, the
+same however often it runs. Failures are classified by rows' `classify_db_error`.
 
 `can_create_audio_lesson(user_id)` is the app's usage check. A project without that function
 (PostgREST PGRST202) is told once per process in the log and the job goes on.
@@ -18,14 +18,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from postgrest import APIError
 
-from processors.shared.lesson_store import (
-    LESSONS,
-    VOCABULARY,
-    LessonStore,
-    _rows,
+from processors.shared.lesson_store import LESSONS, VOCABULARY, LessonStore
+from processors.shared.rows import (
     classify_db_error,
-    get_by_id,
     insert_once,
+    rows_of,
+    update_by_id,
 )
 from worker.errors import PermanentJobError
 
@@ -53,19 +51,10 @@ class AudioStore:
         """Insert `row` (which carries its `id`) unless a row with that id exists; the row."""
         return await insert_once(self.client, AUDIO_LESSONS, row, f"save audio lesson {row['id']}")
 
-    async def get(self, row_id: str) -> dict[str, Any] | None:
-        return await get_by_id(self.client, AUDIO_LESSONS, row_id, f"read audio lesson {row_id}")
-
     async def update(self, row_id: str, changes: Mapping[str, Any]) -> dict[str, Any] | None:
         """The updated row, or None when no row has that id."""
-        try:
-            response = await (
-                self.client.table(AUDIO_LESSONS).update(dict(changes)).eq("id", row_id).execute()
-            )
-        except (APIError, httpx.HTTPError) as exc:
-            raise classify_db_error(exc, f"update audio lesson {row_id}") from exc
-        rows = _rows(response.data)
-        return rows[0] if rows else None
+        doing = f"update audio lesson {row_id}"
+        return await update_by_id(self.client, AUDIO_LESSONS, row_id, changes, doing)
 
     async def lesson(self, lesson_id: str) -> dict[str, Any]:
         """The `esp_lessons` row; PermanentJobError when there is none."""
@@ -80,8 +69,9 @@ class AudioStore:
                 self.client.table(VOCABULARY).select("*").eq("lesson_id", lesson_id).execute()
             )
         except (APIError, httpx.HTTPError) as exc:
-            raise classify_db_error(exc, f"read the vocabulary of lesson {lesson_id}") from exc
-        return _rows(response.data)
+            doing = f"read the vocabulary of lesson {lesson_id}"
+            raise classify_db_error(exc, doing, LESSONS) from exc
+        return rows_of(response.data)
 
     async def check_usage(self, user_id: str, log: JobLogger | Logger) -> None:
         """PermanentJobError when `can_create_audio_lesson` says no; absent: go on."""

@@ -14,6 +14,8 @@ How a failure maps onto the worker's classes (`classify`):
     throttling (ThrottlingException, TooManyRequests, SlowDown, HTTP 429)
                                           → RateLimited (Retry-After, else DEFAULT_RETRY_AFTER_S)
     5xx, timeouts, connection errors      → RetryableJobError
+    a request botocore refuses to send (ParamValidationError: a parameter out of range,
+      of the wrong type, missing)         → PermanentJobError (the same request, the same)
     rejected credentials (401/403 codes)  → PermanentJobError naming the key variables
     any other 4xx                         → PermanentJobError with AWS's code and message
 """
@@ -24,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from processors.shared.retry_after import retry_after_s
 from worker.errors import JobError, PermanentJobError, RateLimited, RetryableJobError
 
 KEY_ID_VARIABLE = "AWS_ACCESS_KEY_ID"
@@ -65,24 +68,33 @@ class AwsSettings:
         token = env.get(TOKEN_VARIABLE, "").strip() or None
         return cls(key_id, secret, region, token)
 
-    def client(self, service: str, **config: Any) -> Any:
-        """A boto3 client (thread-safe; its calls block, so callers run them in a thread)."""
+    def session(self) -> Any:
+        """A boto3 Session with these credentials and region: one per processor, whose
+        clients are made from it (`boto3_client`)."""
         import boto3  # only when an AWS job type is built: ~20 MB the others never need
-        from botocore.config import Config
 
-        return boto3.session.Session().client(
-            service,
-            region_name=self.region,
+        return boto3.session.Session(
             aws_access_key_id=self.key_id,
             aws_secret_access_key=self.secret,
             aws_session_token=self.session_token,
-            config=Config(
-                retries={"total_max_attempts": 1, "mode": "standard"},
-                connect_timeout=CONNECT_TIMEOUT_S,
-                read_timeout=READ_TIMEOUT_S,
-                **config,
-            ),
+            region_name=self.region,
         )
+
+
+def boto3_client(session: Any, service: str, **config: Any) -> Any:
+    """A boto3 client of `session` (thread-safe; its calls block, so callers run them in a
+    thread), with boto3's own retries off and our timeouts."""
+    from botocore.config import Config
+
+    return session.client(
+        service,
+        config=Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
+            **config,
+        ),
+    )
 
 
 def classify(exc: BaseException, service: str, provider: str) -> JobError:
@@ -93,6 +105,7 @@ def classify(exc: BaseException, service: str, provider: str) -> JobError:
         ConnectionError,
         HTTPClientError,
         NoCredentialsError,
+        ParamValidationError,
         ReadTimeoutError,
     )
 
@@ -101,6 +114,8 @@ def classify(exc: BaseException, service: str, provider: str) -> JobError:
                                  f"{SECRET_VARIABLE}")  # fmt: skip
     if isinstance(exc, ConnectionError | HTTPClientError | ReadTimeoutError):
         return RetryableJobError(f"Could not reach {service}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ParamValidationError):  # before the BotoCoreError catch-all
+        return PermanentJobError(f"{service} call refused by botocore: {exc}")
     if isinstance(exc, BotoCoreError):
         return RetryableJobError(f"{service} call failed: {type(exc).__name__}: {exc}")
     if not isinstance(exc, ClientError):
@@ -108,7 +123,8 @@ def classify(exc: BaseException, service: str, provider: str) -> JobError:
     code, message, status, headers = error_of(exc)
     tag = f"HTTP {status} {code}".strip()
     if code in _THROTTLING or status == 429:
-        return RateLimited(_retry_after(headers), f"{service} throttled the call ({tag})",
+        return RateLimited(retry_after_s(headers, DEFAULT_RETRY_AFTER_S),
+                           f"{service} throttled the call ({tag})",
                            provider=provider)  # fmt: skip
     if code in _BAD_CREDENTIALS or status in (401, 403):
         return PermanentJobError(
@@ -132,10 +148,3 @@ def error_of(exc: Any) -> tuple[str, str, int, Mapping[str, str]]:
     except (TypeError, ValueError):
         status = 0
     return code, message, status, meta.get("HTTPHeaders") or {}
-
-
-def _retry_after(headers: Mapping[str, str]) -> float:
-    try:
-        return max(float(headers.get("retry-after", "")), 0.0)
-    except ValueError:
-        return DEFAULT_RETRY_AFTER_S

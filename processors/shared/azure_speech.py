@@ -35,7 +35,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from processors.shared.audio import PreparedAudio
+from processors.shared.recording import PreparedAudio
+from processors.shared.retry_after import retry_after_s
 from worker.errors import ConfigError, JobError, PermanentJobError, RateLimited, RetryableJobError
 from worker.providers import AZURE_SPEECH
 
@@ -143,7 +144,8 @@ def http_error(
     reason = _reason(text)
     tag = f"HTTP {status}"
     if status == 429:
-        return RateLimited(retry_after_s(headers), f"Azure Speech rate limit ({tag})",
+        return RateLimited(retry_after_s(headers, DEFAULT_RETRY_AFTER_S),
+                           f"Azure Speech rate limit ({tag})",
                            provider=AZURE_SPEECH)  # fmt: skip
     if status in (401, 403):
         return PermanentJobError(
@@ -166,13 +168,6 @@ def _reason(text: str) -> str:
     except (ValueError, AttributeError):
         message = None
     return str(message or text.strip() or "(no body)")[:300]
-
-
-def retry_after_s(headers: Mapping[str, str]) -> float:
-    try:
-        return max(float(headers.get("Retry-After", "")), 0.0)
-    except ValueError:
-        return DEFAULT_RETRY_AFTER_S
 
 
 def recognition_failure(body: Mapping[str, Any]) -> JobError | None:

@@ -10,11 +10,7 @@ Every write here can be repeated after a crash without creating a second row:
   so one row found means all of them are;
 - `set_chat_content` is an UPDATE by id, the same however often it runs.
 
-How a PostgREST failure maps onto the worker's classes (`classify_db_error`):
-
-    connection error, timeout, 5xx-type codes    → RetryableJobError
-    Postgres classes 22 (bad data, e.g. an id that is not a uuid), 23 (constraint),
-    42 (unknown table/column, permission), PGRST* (request refused)  → PermanentJobError
+Rows by id and how a failure is classified: processors.shared.rows.
 """
 
 from __future__ import annotations
@@ -26,15 +22,14 @@ import httpx
 from postgrest import APIError
 from postgrest.types import ReturnMethod
 
-from worker.errors import JobError, PermanentJobError, RetryableJobError
+from processors.shared.rows import classify_db_error, get_by_id, insert_once, update_by_id
+from worker.errors import JobError
 
 if TYPE_CHECKING:
     from postgrest import AsyncPostgrestClient
 
 LESSONS = "esp_lessons"
 VOCABULARY = "lesson_vocabulary"
-# Postgres SQLSTATE classes that fail the same way however often they are retried.
-_PERMANENT_CLASSES = ("22", "23", "42")
 
 
 class LessonStore:
@@ -58,7 +53,7 @@ class LessonStore:
                 .execute()
             )
         except (APIError, httpx.HTTPError) as exc:
-            raise classify_db_error(exc, f"read the vocabulary of lesson {lesson_id}") from exc
+            raise _classified(exc, f"read the vocabulary of lesson {lesson_id}") from exc
         return bool(response.data)
 
     async def insert_vocabulary(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -73,68 +68,15 @@ class LessonStore:
             )
         except (APIError, httpx.HTTPError) as exc:
             lesson = rows[0].get("lesson_id")
-            raise classify_db_error(exc, f"save the vocabulary of lesson {lesson}") from exc
+            raise _classified(exc, f"save the vocabulary of lesson {lesson}") from exc
 
     async def set_chat_content(self, lesson_id: str, chat_content: str) -> dict[str, Any] | None:
         """The updated row, or None when no row has that id any more."""
-        try:
-            response = await (
-                self.client.table(LESSONS)
-                .update({"chat_content": chat_content})
-                .eq("id", lesson_id)
-                .execute()
-            )
-        except (APIError, httpx.HTTPError) as exc:
-            raise classify_db_error(exc, f"save the conversation of lesson {lesson_id}") from exc
-        rows = _rows(response.data)
-        return rows[0] if rows else None
+        doing = f"save the conversation of lesson {lesson_id}"
+        changes = {"chat_content": chat_content}
+        return await update_by_id(self.client, LESSONS, lesson_id, changes, doing)
 
 
-async def insert_once(
-    client: AsyncPostgrestClient, table: str, row: Mapping[str, Any], doing: str
-) -> dict[str, Any]:
-    """`INSERT ... ON CONFLICT (id) DO NOTHING` of `row` (which carries its `id`), then the row
-    with that id: the one inserted, or the one a crashed earlier run had inserted."""
-    try:
-        query = client.table(table).upsert(dict(row), on_conflict="id", ignore_duplicates=True)
-        response = await query.execute()
-    except (APIError, httpx.HTTPError) as exc:
-        raise classify_db_error(exc, doing) from exc
-    rows = [r for r in _rows(response.data) if str(r.get("id")) == str(row["id"])]
-    if rows:
-        return rows[0]
-    # ON CONFLICT DO NOTHING returns no row for one that was already there: read it.
-    existing = await get_by_id(client, table, str(row["id"]), doing)
-    if existing is None:
-        raise RetryableJobError(f"Supabase returned no {table} row {row['id']} after saving it")
-    return existing
-
-
-async def get_by_id(
-    client: AsyncPostgrestClient, table: str, row_id: str, doing: str
-) -> dict[str, Any] | None:
-    try:
-        response = await client.table(table).select("*").eq("id", row_id).limit(1).execute()
-    except (APIError, httpx.HTTPError) as exc:
-        raise classify_db_error(exc, doing) from exc
-    rows = _rows(response.data)
-    return rows[0] if rows else None
-
-
-def _rows(data: Any) -> list[dict[str, Any]]:
-    """The rows of a PostgREST answer (a list of objects; anything else holds none)."""
-    return [dict(r) for r in data if isinstance(r, Mapping)] if isinstance(data, list) else []
-
-
-def classify_db_error(exc: BaseException, doing: str) -> JobError:
-    if isinstance(exc, APIError):
-        code = str(exc.code or "")
-        text = " ".join(str(p) for p in (exc.code, exc.message) if p) or "API error"
-        if code.startswith("PGRST") or code[:2] in _PERMANENT_CLASSES:
-            hint = ""
-            if code in ("22P02", "428C9") and "uuid" not in str(exc.message or ""):
-                # The lesson id is made here as a uuid (see processors/generate_lesson.py).
-                hint = f" ({LESSONS}.id must be a uuid column that accepts the worker's ids)"
-            return PermanentJobError(f"Could not {doing} (Supabase: {text}){hint}")
-        return RetryableJobError(f"Could not {doing} (Supabase: {text})")
-    return RetryableJobError(f"Could not {doing} (Supabase: {type(exc).__name__}: {exc})")
+def _classified(exc: BaseException, doing: str) -> JobError:
+    # The lesson ids are made here as uuids (see processors/generate_lesson.py).
+    return classify_db_error(exc, doing, LESSONS)

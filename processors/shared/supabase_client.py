@@ -89,8 +89,8 @@ def rest_url(url: str) -> str:
 
 
 def request_headers(key: str) -> dict[str, str]:
-    """supabase-py's headers for PostgREST with an API key (no user session, so the key is
-    also the bearer token); the client adds the schema headers."""
+    """supabase-py's headers for PostgREST and Storage with an API key (no user session, so
+    the key is also the bearer token); the PostgREST client adds the schema headers."""
     return {"X-Client-Info": CLIENT_INFO, "apiKey": key, "Authorization": f"Bearer {key}"}
 
 

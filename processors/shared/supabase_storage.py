@@ -23,10 +23,10 @@ from storage3 import AsyncStorageClient
 from storage3.exceptions import StorageApiError
 
 from processors.shared.supabase_client import (
-    CLIENT_INFO,
     KEY_VARIABLES,
     URL_VARIABLES,
     SupabaseSettings,
+    request_headers,
 )
 from worker.errors import JobError, PermanentJobError, RetryableJobError
 
@@ -38,11 +38,7 @@ class SupabaseStorage:
     def __init__(self, settings: SupabaseSettings, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.settings = settings
         self.base_url = storage_url(settings.url)
-        headers = {
-            "X-Client-Info": CLIENT_INFO,
-            "apiKey": settings.key,
-            "Authorization": f"Bearer {settings.key}",
-        }
+        headers = request_headers(settings.key)
         self._http = httpx.AsyncClient(headers=headers, timeout=timeout_s, follow_redirects=True)
         self.client = AsyncStorageClient(self.base_url + "/", headers, http_client=self._http)
 
@@ -79,10 +75,6 @@ class SupabaseStorage:
             await self.client.from_(bucket).upload(path, data, options)
         except Exception as exc:
             raise self.classify(exc, f"store {bucket}/{path}") from exc
-
-    def public_url(self, bucket: str, path: str) -> str:
-        """Where a public bucket serves the object (no request made)."""
-        return f"{self.base_url}/object/public/{bucket}/{path}"
 
     async def signed_url(self, bucket: str, path: str, expires_in_s: int) -> str:
         try:
